@@ -1,0 +1,172 @@
+"""Fused anomaly-map op vs the eager reference vs a naive 2-D-convolution blur, in one run.
+
+    python benchmarks/anomaly_map.py --device cpu --dtype float32 --batches 1,16,64 --repeats 5 [--json out.json]
+
+Shapes: wide_resnet50_2 features at 256 px (256x64x64, 512x32x32, 1024x16x16), out_size 256x256, sigma 4.
+Prints ms per image, the speed-up ratios, and feature bytes read per second against a memory-read bandwidth
+measured in the same run (CPU: summing a tensor of the same size; CUDA: device-to-device copy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mrkd import ops
+
+WRN50_256PX_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
+OUT_SIZE = (256, 256)
+SIGMA = 4.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def naive_2d_blur_anomaly_map(teacher, student, out_size, sigma):
+    """What peer code does: the same eager steps, but a full (2r+1)^2 Gaussian kernel in one conv2d."""
+    maps = ops._distance_sum(teacher, student, out_size)
+    radius = ops.gaussian_radius(sigma)
+    if radius > 0:
+        k1 = ops.gaussian_kernel1d(sigma, maps.device)
+        maps = F.conv2d(ops.reflect_pad(maps, radius), torch.outer(k1, k1)[None, None])
+    return maps, maps.flatten(1).amax(dim=1)
+
+
+@dataclass
+class Row:
+    batch: int
+    fused_ms_per_image: float
+    reference_ms_per_image: float
+    naive2d_ms_per_image: float
+    fused_vs_reference: float
+    fused_vs_naive2d: float
+    feature_mb_per_image: float
+    fused_feature_gb_per_s: float
+    measured_bandwidth_gb_per_s: float
+    fused_fraction_of_bandwidth: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds per call (after one warm-up); CUDA events on GPU."""
+    fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def measure_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """Bytes/s: CPU reads (sum of a same-size tensor); CUDA device-to-device copy (bytes read)."""
+    numel = nbytes // torch.empty((), dtype=dtype).element_size()
+    source = torch.randn(numel, device=device).to(dtype)
+    if device.type == "cuda":
+        target = torch.empty_like(source)
+        seconds = time_call(lambda: target.copy_(source), device, repeats)
+    else:
+        seconds = time_call(lambda: source.sum(dtype=torch.float32), device, repeats)
+    return nbytes / seconds
+
+
+def make_features(batch: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device=device).manual_seed(0)
+    teacher = [torch.randn(batch, *s, generator=g, device=device).to(dtype) for s in WRN50_256PX_SHAPES]
+    student = [(t.float() + 0.3 * torch.randn(t.shape, generator=g, device=device)).to(dtype) for t in teacher]
+    return teacher, student
+
+
+def bench_batch(batch: int, dtype: torch.dtype, device: torch.device, repeats: int, slow_repeats: int) -> Row:
+    teacher, student = make_features(batch, dtype, device)
+    feature_bytes = sum(t.numel() * t.element_size() for t in teacher + student)
+    fused = time_call(lambda: ops.anomaly_map(teacher, student, OUT_SIZE, SIGMA), device, repeats)
+    reference = time_call(lambda: ops.anomaly_map_reference(teacher, student, OUT_SIZE, SIGMA), device, slow_repeats)
+    with torch.no_grad():
+        naive = time_call(lambda: naive_2d_blur_anomaly_map(teacher, student, OUT_SIZE, SIGMA), device, slow_repeats)
+    bandwidth = measure_bandwidth(feature_bytes, dtype, device, repeats)
+    fused_rate = feature_bytes / fused
+    return Row(
+        batch=batch,
+        fused_ms_per_image=fused * 1e3 / batch,
+        reference_ms_per_image=reference * 1e3 / batch,
+        naive2d_ms_per_image=naive * 1e3 / batch,
+        fused_vs_reference=reference / fused,
+        fused_vs_naive2d=naive / fused,
+        feature_mb_per_image=feature_bytes / batch / 1e6,
+        fused_feature_gb_per_s=fused_rate / 1e9,
+        measured_bandwidth_gb_per_s=bandwidth / 1e9,
+        fused_fraction_of_bandwidth=fused_rate / bandwidth,
+    )
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of the fused op and the bandwidth probe")
+    parser.add_argument("--slow-repeats", type=int, default=2, help="timed calls of the eager versions")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    if not ops.native_available():
+        parser.error("mrkd._C is not built (python setup.py build_ext --inplace); nothing native to time")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches must be positive integers, got {args.batches!r}")
+    dtype = DTYPES[args.dtype]
+    probe = "device-to-device copy" if device.type == "cuda" else "sum of a same-size tensor"
+    print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"dtype={args.dtype}, threads={torch.get_num_threads()}, bandwidth probe: {probe}")
+    header = (f"{'batch':>5} {'fused ms/img':>12} {'eager ms/img':>12} {'2-D ms/img':>11} {'x eager':>8} "
+              f"{'x 2-D':>7} {'feat GB/s':>9} {'probe GB/s':>10} {'% probe':>7}")
+    print(header)
+    rows = []
+    for batch in batches:
+        row = bench_batch(batch, dtype, device, args.repeats, args.slow_repeats)
+        rows.append(row)
+        print(f"{row.batch:>5} {row.fused_ms_per_image:>12.3f} {row.reference_ms_per_image:>12.3f} "
+              f"{row.naive2d_ms_per_image:>11.3f} {row.fused_vs_reference:>8.1f} {row.fused_vs_naive2d:>7.1f} "
+              f"{row.fused_feature_gb_per_s:>9.2f} {row.measured_bandwidth_gb_per_s:>10.2f} "
+              f"{100 * row.fused_fraction_of_bandwidth:>6.0f}%", flush=True)
+    if args.json:
+        write_json_atomic(args.json, {
+            "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "bandwidth_probe": probe, "torch": torch.__version__, "rows": [asdict(r) for r in rows],
+        })
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""python -m client: multi-camera inspection against one or more Triton servers (see docs/client.md)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .frame_queue import DROP_POLICIES
+from .inspection import ENCODINGS, TRANSPORTS, InspectionClient
+from .report import JsonlWriter, Progress, print_summary
+from .runner import MultiCameraRunner, RunOptions
+from .servers import NoServerReady, ServerPool, normalize_url
+from .sources import SourceError, SourceOptions, open_source, parse_camera
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # could not start: no server ready, a source that cannot be opened, an output that cannot be written
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # stopped with Ctrl-C (the output is complete for every frame read)
+
+EXAMPLES = """\
+examples:
+  # two folders of images, each played once in name order, against one server
+  python -m client --url 127.0.0.1:8001 --camera line1=images/line1 --camera line2=images/line2 --out results.jsonl
+
+  # a folder replayed as a live 10 fps camera, a video file and an RTSP camera, spread over two servers,
+  # heat-map overlays of anomalous frames saved; stop with Ctrl-C
+  python -m client --url 10.0.0.5:8001 --url 10.0.0.6:8001 --loop --fps 10 \\
+      --camera cam1=images/line1 --camera cam2=belt.mp4 --camera cam3=rtsp://10.0.0.20/stream1 \\
+      --out results.jsonl --save-heatmaps heatmaps/
+
+  # four synthetic cameras (crops of real texture photos, every 4th with a pasted defect) for one minute
+  python -m client --url 127.0.0.1:8001 --loop --duration 60 --out bench.jsonl \\
+      --camera a=synthetic: --camera b=synthetic:texture=grass --camera c=synthetic:texture=gravel,size=128 \\
+      --camera d=synthetic:seed=3
+
+  # same host as the server: raw frames through Triton system shared memory (no JPEG encode/decode)
+  python -m client --url 127.0.0.1:8001 --transport shm --camera cam1=images/line1 --out results.jsonl
+
+SOURCE is a folder of images, a video file, an rtsp:// or http(s):// stream (OpenCV), or
+synthetic:[texture=brick|grass|gravel][,size=PIXELS][,count=N][,defect_every=K][,seed=S].
+Every frame read gets exactly one line in --out: status "ok" (score, verdict, server, latency), "dropped"
+(drop_reason) or "error" (error). Exit status: 0 done, 1 could not start, 2 bad arguments, 130 Ctrl-C.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Send camera frames to the MRKD Triton ensemble over gRPC and record a verdict for every frame.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--url", action="append", required=True, metavar="HOST:PORT",
+                        help="Triton gRPC endpoint; repeat to spread requests over several servers")
+    parser.add_argument("--model", default="mrkd", help="ensemble name (default: %(default)s)")
+    parser.add_argument("--camera", action="append", required=True, metavar="NAME=SOURCE",
+                        help="a camera: NAME (letters, digits, _ . -) and its SOURCE; repeat for more cameras")
+    parser.add_argument("--out", required=True, type=Path, help="results file, one JSON line per frame")
+
+    source = parser.add_argument_group("sources")
+    source.add_argument("--loop", action="store_true", help="replay folders, video files and synthetic sequences")
+    source.add_argument("--fps", type=float, default=None,
+                        help="pace every camera at this frame rate, as a live camera (default: as fast as read)")
+    source.add_argument("--max-frames", type=int, default=None, help="stop each camera after this many frames")
+    source.add_argument("--duration", type=float, default=None, help="stop after this many seconds (as Ctrl-C)")
+
+    flow = parser.add_argument_group("requests")
+    flow.add_argument("--max-in-flight", type=int, default=4, help="requests in flight per camera (default: 4)")
+    flow.add_argument("--queue-size", type=int, default=None,
+                      help="frames waiting per camera before a live camera drops (default: --max-in-flight)")
+    flow.add_argument("--drop-policy", choices=DROP_POLICIES, default="oldest",
+                      help="when a live camera's queue is full, drop the oldest queued frame or the newest frame "
+                           "(default: %(default)s)")
+    flow.add_argument("--encoding", choices=ENCODINGS, default="jpeg", help="image encoding for --transport bytes")
+    flow.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default: %(default)s)")
+    flow.add_argument("--transport", choices=TRANSPORTS, default="bytes",
+                      help="bytes: encoded images (any host); raw: decoded frames; shm: decoded frames in system "
+                           "shared memory (client on the server's host)")
+    flow.add_argument("--raw-model", default=None,
+                      help="raw-frame entry point for --transport raw/shm (default: MODEL_raw)")
+    flow.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
+    flow.add_argument("--probe-interval", type=float, default=1.0,
+                      help="seconds between health checks of every server (default: %(default)s)")
+    flow.add_argument("--wait-ready", type=float, default=30.0,
+                      help="seconds to wait at start for a ready server (default: %(default)s)")
+    flow.add_argument("--shutdown-timeout", type=float, default=10.0,
+                      help="seconds to wait for answers in flight when stopping (default: %(default)s)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--save-heatmaps", type=Path, default=None, metavar="DIR",
+                        help="write heat-map overlay PNGs of anomalous frames to DIR/<camera>/")
+    output.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
+                        help="live per-camera progress on stderr (auto: rich on a terminal if installed)")
+    output.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress updates")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.url = [normalize_url(u) for u in args.url]
+        args.camera = [parse_camera(c) for c in args.camera]
+        RunOptions(args.max_in_flight, args.queue_size, args.drop_policy, None, args.shutdown_timeout,
+                   args.max_frames, args.duration)
+    except (ValueError, SourceError) as exc:
+        parser.error(str(exc))
+    if len({name for name, _ in args.camera}) != len(args.camera):
+        parser.error("camera names must be unique")
+    if len(set(args.url)) != len(args.url):
+        parser.error("the same --url is given twice")
+    if args.fps is not None and args.fps <= 0:
+        parser.error(f"--fps must be positive, got {args.fps}")
+    if not 1 <= args.jpeg_quality <= 100:
+        parser.error(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
+    for name in ("timeout", "probe_interval", "progress_interval"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = SourceOptions(loop=args.loop, fps=args.fps)
+    try:
+        cameras = [(name, open_source(spec, options)) for name, spec in args.camera]
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for name, source in cameras:
+        print(f"camera {name}: {source.description}{' (live)' if source.live else ''}", file=sys.stderr)
+
+    raw_model = args.raw_model or f"{args.model}_raw"
+    pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval)
+    try:
+        ready = pool.wait_until_ready(args.wait_ready)
+    except NoServerReady as exc:
+        pool.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"servers ready: {', '.join(s.url for s in ready)} of {len(pool.servers)}", file=sys.stderr)
+    pool.start()
+
+    client = InspectionClient(
+        pool, args.model, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
+        raw_model=raw_model, want_map=args.save_heatmaps is not None, timeout=args.timeout,
+    )
+    run_options = RunOptions(
+        max_in_flight=args.max_in_flight, queue_size=args.queue_size, drop_policy=args.drop_policy,
+        heatmap_dir=args.save_heatmaps, shutdown_timeout=args.shutdown_timeout, max_frames=args.max_frames,
+        duration=args.duration,
+    )
+    try:
+        writer = JsonlWriter(args.out)
+    except (OSError, ValueError) as exc:
+        client.close()
+        pool.close()
+        print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    runner = MultiCameraRunner(cameras, client, writer, run_options)
+    progress = Progress(runner.stats, args.progress, args.progress_interval)
+    interrupts = 0
+
+    def on_interrupt(signum, frame) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nstopping: recording queued frames and waiting for answers in flight (Ctrl-C again: don't wait)",
+                  file=sys.stderr, flush=True)
+            runner.stop()
+        else:
+            runner.abort()
+
+    previous_int = signal.signal(signal.SIGINT, on_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, on_interrupt)
+    try:
+        progress.start()
+        summaries = runner.run()
+    finally:
+        progress.stop()
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+        writer.close()
+        client.close()
+        pool.close()
+    print_summary(summaries)
+    print(f"{writer.lines} lines written to {args.out}", file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupts else EXIT_OK

@@ -1,0 +1,182 @@
+"""The Triton servers a client may use, which of them are ready, and which one gets the next request.
+
+A server is *ready* when its gRPC health check says the server and the model are ready. Requests go to the ready
+server with the fewest requests in flight (ties in turn). A server whose request failed at the transport level, or
+whose health check fails, is marked not ready and gets no requests until a later probe finds it ready again; a
+background thread re-probes every server every `probe_interval` seconds (ready ones too, so a server that is
+shutting down is noticed before requests fail on it).
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import tritonclient.grpc as grpcclient
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+class NoServerReady(RuntimeError):
+    """No server of the pool is ready (all failed, stopped, or do not serve the model)."""
+
+
+def normalize_url(url: str) -> str:
+    """'HOST:PORT' (a grpc:// prefix is accepted and removed). Raises ValueError naming the problem."""
+    text = url.strip()
+    if text.startswith("grpc://"):
+        text = text[len("grpc://") :]
+    if "://" in text:
+        raise ValueError(f"server URL {url!r}: give HOST:PORT of Triton's gRPC endpoint, without http://")
+    match = _HOST_PORT.match(text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"server URL {url!r} is not HOST:PORT (e.g. 127.0.0.1:8001)")
+    return text
+
+
+@dataclass
+class Server:
+    url: str
+    connection: grpcclient.InferenceServerClient
+    ready: bool = False
+    in_flight: int = 0
+    requests: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_probe: float = 0.0
+    extra: dict = field(default_factory=dict)  # per-server state of transports (registered shared memory)
+
+
+class ServerPool:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        model: str,
+        probe_interval: float = 1.0,
+        probe_timeout: float = 2.0,
+    ):
+        if not urls:
+            raise ValueError("at least one server URL is needed")
+        normalized = [normalize_url(u) for u in urls]
+        if len(set(normalized)) != len(normalized):
+            raise ValueError(f"the same server is given twice: {', '.join(normalized)}")
+        self.model = model
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.servers = [Server(url, grpcclient.InferenceServerClient(url)) for url in normalized]
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._turn = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- health ------------------------------------------------------------------------------------------------
+    def probe(self, server: Server) -> bool:
+        """One health check (server ready and model ready); updates and returns the server's readiness."""
+        try:
+            ready = bool(
+                server.connection.is_server_ready(client_timeout=self.probe_timeout)
+                and server.connection.is_model_ready(self.model, client_timeout=self.probe_timeout)
+            )
+            error = "" if ready else f"model {self.model!r} not ready"
+        except Exception as exc:  # any transport or server error means: not ready now
+            ready, error = False, _one_line(exc)
+        with self._lock:
+            server.ready = ready
+            server.last_probe = time.monotonic()
+            if error:
+                server.last_error = error
+            self._changed.notify_all()
+        return ready
+
+    def probe_all(self) -> list[Server]:
+        """Probes every server; returns the ready ones."""
+        return [s for s in self.servers if self.probe(s)]
+
+    def start(self) -> None:
+        """Probes once now, then every probe_interval seconds in a daemon thread."""
+        self.probe_all()
+        if self._thread is None and self.probe_interval > 0:
+            self._thread = threading.Thread(target=self._probe_loop, name="server-probe", daemon=True)
+            self._thread.start()
+
+    def _probe_loop(self) -> None:
+        while not self._stop.wait(self.probe_interval):
+            self.probe_all()
+
+    def wait_until_ready(self, timeout: float) -> list[Server]:
+        """Waits until at least one server is ready; raises NoServerReady naming each server's last error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = self.probe_all()
+            if ready:
+                return ready
+            if time.monotonic() >= deadline:
+                details = "; ".join(f"{s.url}: {s.last_error or 'not ready'}" for s in self.servers)
+                raise NoServerReady(f"no server is ready to serve model {self.model!r} after {timeout:g} s ({details})")
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    # -- choosing ------------------------------------------------------------------------------------------------
+    def acquire(self, exclude: Sequence[Server] = ()) -> Server | None:
+        """The ready server (not in `exclude`) with the fewest requests in flight; counts the request on it.
+        When none is ready, servers not probed for `probe_interval` seconds (1 s without the background
+        thread) are probed now, so a pool without the thread (the load test) also finds a server back."""
+        server = self._pick(exclude)
+        if server is None:
+            stale_after = self.probe_interval if self.probe_interval > 0 else 1.0
+            now = time.monotonic()
+            stale = [s for s in self.servers if s not in exclude and now - s.last_probe >= stale_after]
+            if any([self.probe(s) for s in stale]):
+                server = self._pick(exclude)
+        return server
+
+    def _pick(self, exclude: Sequence[Server]) -> Server | None:
+        with self._lock:
+            candidates = [s for s in self.servers if s.ready and s not in exclude]
+            if not candidates:
+                return None
+            fewest = min(s.in_flight for s in candidates)
+            tied = [s for s in candidates if s.in_flight == fewest]
+            server = tied[self._turn % len(tied)]
+            self._turn += 1
+            server.in_flight += 1
+            server.requests += 1
+            return server
+
+    def release(self, server: Server, failed: bool = False, error: str = "") -> None:
+        """Ends a request on `server`. failed=True marks it not ready until a probe finds it ready again."""
+        with self._lock:
+            server.in_flight -= 1
+            if failed:
+                server.ready = False
+                server.failures += 1
+                server.last_error = error
+            self._changed.notify_all()
+
+    def ready_servers(self) -> list[Server]:
+        with self._lock:
+            return [s for s in self.servers if s.ready]
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.probe_timeout + self.probe_interval + 1)
+            self._thread = None
+        for server in self.servers:
+            try:
+                server.connection.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> "ServerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,284 @@
+"""Frame sources for the cameras: image folders, video files, network streams and synthetic frames.
+
+Every source yields `Frame`s (RGB uint8 H x W x 3, numbered from 0 in the order they were read). A source is
+*live* when it produces frames at its own pace (a stream, or anything paced with `fps`): when the server cannot keep
+up, a live camera's frames are dropped by the queue's policy. A source that is not live (a folder or a video file
+read as fast as possible) is simply read more slowly when the queue is full: nothing is dropped.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mrkd.preprocess import InvalidImageError, load_image, to_rgb
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
+TEXTURES = ("brick", "grass", "gravel")
+
+
+class SourceError(ValueError):
+    """A camera source that cannot be opened or read: missing folder, no images, unreadable video, bad spec."""
+
+
+@dataclass
+class Frame:
+    """One frame as read from a camera."""
+
+    camera: str
+    index: int
+    source_name: str
+    capture_time: float  # seconds since the epoch, when the frame was read
+    image: np.ndarray | None  # H x W x 3 uint8 RGB; None when the frame could not be read
+    read_error: str = ""  # why the frame could not be read (an unreadable file in a folder)
+
+    @property
+    def capture_time_iso(self) -> str:
+        return datetime.fromtimestamp(self.capture_time, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class SourceOptions:
+    loop: bool = False  # replay folders, video files and synthetic sequences forever (until stopped)
+    fps: float | None = None  # pace frames at this rate; None = as fast as they can be read (streams: their rate)
+
+
+class FrameSource:
+    """Base class: `frames()` yields (source name, RGB image or the read error) pairs; `read()` numbers and paces
+    them."""
+
+    live: bool = False
+    description: str = ""
+
+    def __init__(self, options: SourceOptions):
+        if options.fps is not None and options.fps <= 0:
+            raise SourceError(f"--fps must be positive, got {options.fps}")
+        self.options = options
+        self.live = self.live or options.fps is not None
+
+    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:
+        raise NotImplementedError
+
+    def read(self, camera: str, stop: threading.Event | None = None) -> Iterator[Frame]:
+        """Numbered frames, paced at `options.fps` if set; ends when the source ends or `stop` is set."""
+        stop = stop or threading.Event()
+        period = 1.0 / self.options.fps if self.options.fps else 0.0
+        next_due = time.monotonic()
+        for index, (name, image) in enumerate(self.frames()):
+            if period:
+                # Sleep on the event so that a stop is seen at once; the schedule does not drift.
+                if stop.wait(max(0.0, next_due - time.monotonic())):
+                    return
+                next_due += period
+                if next_due < time.monotonic() - period:  # fell behind (slow reads): restart the schedule
+                    next_due = time.monotonic()
+            if stop.is_set():
+                return
+            if isinstance(image, InvalidImageError):
+                yield Frame(camera, index, name, time.time(), None, read_error=str(image))
+            else:
+                yield Frame(camera, index, name, time.time(), image)
+
+    def close(self) -> None:
+        pass
+
+
+class FolderSource(FrameSource):
+    """The image files of a folder (not recursive), in name order; once, or forever with `loop`."""
+
+    def __init__(self, folder: str | Path, options: SourceOptions):
+        super().__init__(options)
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SourceError(f"image folder not found: {self.folder}")
+        self.paths = sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise SourceError(
+                f"no images in {self.folder} (looked for files ending in {', '.join(IMAGE_SUFFIXES)})"
+            )
+        self.description = f"folder {self.folder} ({len(self.paths)} images)"
+
+    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:
+        while True:
+            for path in self.paths:
+                try:
+                    image: np.ndarray | InvalidImageError = load_image(path)
+                except InvalidImageError as exc:  # one bad file is recorded as that frame's error, not fatal
+                    image = exc
+                yield path.name, image
+            if not self.options.loop:
+                return
+
+
+class VideoSource(FrameSource):
+    """A video file or a network stream, read with OpenCV. Streams are live (paced by the camera)."""
+
+    def __init__(self, location: str, options: SourceOptions):
+        import cv2
+
+        self.is_stream = location.lower().startswith(STREAM_SCHEMES)
+        self.live = self.is_stream
+        super().__init__(options)
+        if not self.is_stream and not Path(location).is_file():
+            raise SourceError(f"video file not found: {location}")
+        self.location = location
+        self._cv2 = cv2
+        self._capture = self._open()
+        kind = "stream" if self.is_stream else "video"
+        self.description = f"{kind} {location}"
+        self._label = location if self.is_stream else Path(location).name
+
+    def _open(self):
+        capture = self._cv2.VideoCapture(self.location)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"OpenCV cannot open {self.location} (missing codec, wrong URL, or not a video)")
+        return capture
+
+    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:
+        position = 0
+        while True:
+            ok, bgr = self._capture.read()
+            if not ok:
+                if self.options.loop and not self.is_stream and position > 0:
+                    self._capture.release()
+                    self._capture = self._open()
+                    position = 0
+                    continue
+                return
+            yield f"{self._label}#{position}", to_rgb(np.ascontiguousarray(bgr[:, :, ::-1]))
+            position += 1
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+@dataclass
+class SyntheticSpec:
+    texture: str = "brick"
+    size: int = 256
+    count: int = 100
+    defect_every: int = 4  # every k-th frame gets a pasted patch of another texture; 0 = never
+    seed: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class SyntheticSource(FrameSource):
+    """Crops of scikit-image's real texture photos (brick, grass, gravel; 512 x 512, CC0).
+
+    Frame i is a `size` x `size` crop at a seeded random offset of the chosen texture, as grayscale repeated to
+    three channels. Every `defect_every`-th frame (i % defect_every == defect_every - 1) has a square patch, a
+    quarter of the frame wide, cut from another texture photo and pasted at a random place: a real-looking local
+    defect. `count` frames are produced (forever with --loop).
+    """
+
+    def __init__(self, spec: SyntheticSpec, options: SourceOptions):
+        super().__init__(options)
+        if spec.texture not in TEXTURES:
+            raise SourceError(f"synthetic: unknown texture {spec.texture!r}; choose one of {', '.join(TEXTURES)}")
+        if not 16 <= spec.size <= 512:
+            raise SourceError(f"synthetic: size must be between 16 and 512 pixels, got {spec.size}")
+        if spec.count < 1:
+            raise SourceError(f"synthetic: count must be at least 1, got {spec.count}")
+        if spec.defect_every < 0:
+            raise SourceError(f"synthetic: defect_every must be 0 (never) or more, got {spec.defect_every}")
+        self.spec = spec
+        self._photos = {name: _texture_photo(name) for name in TEXTURES}
+        self.description = (
+            f"synthetic {spec.texture} crops {spec.size}px, {spec.count} frames, defect every {spec.defect_every}"
+        )
+
+    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:
+        rng = np.random.default_rng(self.spec.seed)
+        base = self._photos[self.spec.texture]
+        others = [self._photos[n] for n in TEXTURES if n != self.spec.texture]
+        size = self.spec.size
+        i = 0
+        while True:
+            for _ in range(self.spec.count):
+                y, x = rng.integers(0, base.shape[0] - size + 1), rng.integers(0, base.shape[1] - size + 1)
+                crop = base[y : y + size, x : x + size].copy()
+                defective = self.spec.defect_every > 0 and i % self.spec.defect_every == self.spec.defect_every - 1
+                if defective:
+                    patch = max(4, size // 4)
+                    donor = others[int(rng.integers(len(others)))]
+                    dy, dx = rng.integers(0, donor.shape[0] - patch + 1), rng.integers(0, donor.shape[1] - patch + 1)
+                    py, px = rng.integers(0, size - patch + 1), rng.integers(0, size - patch + 1)
+                    crop[py : py + patch, px : px + patch] = donor[dy : dy + patch, dx : dx + patch]
+                label = "defect" if defective else "normal"
+                yield f"synthetic-{self.spec.texture}-{i:06d}-{label}", to_rgb(crop)
+                i += 1
+            if not self.options.loop:
+                return
+
+
+def _texture_photo(name: str) -> np.ndarray:
+    from skimage import data as skdata
+
+    image = getattr(skdata, name)()
+    if image.ndim == 3:
+        image = image[..., :3].mean(axis=2).astype(np.uint8)
+    return np.ascontiguousarray(image.astype(np.uint8))
+
+
+_SYNTHETIC_KEYS = {"texture": str, "size": int, "count": int, "defect_every": int, "seed": int}
+
+
+def parse_synthetic(spec: str) -> SyntheticSpec:
+    """'synthetic:' or 'synthetic:texture=grass,size=128,count=40,defect_every=5,seed=1' -> SyntheticSpec."""
+    body = spec[len("synthetic:") :].strip()
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _SYNTHETIC_KEYS:
+            raise SourceError(
+                f"synthetic: cannot parse {item!r}; expected key=value with keys {', '.join(_SYNTHETIC_KEYS)}"
+            )
+        try:
+            values[key] = _SYNTHETIC_KEYS[key](value.strip())
+        except ValueError as exc:
+            raise SourceError(f"synthetic: {key} must be {_SYNTHETIC_KEYS[key].__name__}, got {value!r}") from exc
+    return SyntheticSpec(**values)  # type: ignore[arg-type]
+
+
+def open_source(spec: str, options: SourceOptions | None = None) -> FrameSource:
+    """A camera SOURCE string -> FrameSource. Folder, video file, rtsp/http stream, or 'synthetic:...'."""
+    options = options or SourceOptions()
+    if not spec or not spec.strip():
+        raise SourceError("empty camera source")
+    if spec.startswith("synthetic:"):
+        return SyntheticSource(parse_synthetic(spec), options)
+    if spec.lower().startswith(STREAM_SCHEMES):
+        return VideoSource(spec, options)
+    path = Path(spec)
+    if path.is_dir():
+        return FolderSource(path, options)
+    if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise SourceError(f"{spec} is a single image; give the folder that holds the camera's images")
+        return VideoSource(spec, options)
+    raise SourceError(
+        f"camera source {spec!r} is neither a folder, a video file, an rtsp:// or http:// stream, nor 'synthetic:'"
+    )
+
+
+_CAMERA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def parse_camera(text: str) -> tuple[str, str]:
+    """'NAME=SOURCE' -> (name, source); the name is used in file names, so it is kept to [A-Za-z0-9_.-]."""
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise SourceError(f"--camera expects NAME=SOURCE, got {text!r}")
+    if not _CAMERA_NAME.match(name):
+        raise SourceError(f"camera name {name!r} may only use letters, digits, '_', '.' and '-'")
+    return name, source

@@ -1,0 +1,168 @@
+"""Anomaly map: per-scale cosine distance, bilinear upsampling, sum, Gaussian smoothing, max.
+
+`anomaly_map` runs the fused C++/CUDA operator `torch.ops.mrkd.anomaly_map` (kernels/, built as `mrkd._C`);
+`anomaly_map_reference` is the same computation in plain PyTorch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from mrkd import _C  # noqa: F401  (importing registers torch.ops.mrkd.anomaly_map)
+
+    _NATIVE_ERROR: str | None = None
+except ImportError as exc:  # the extension is not built: plain-PyTorch fallback
+    _NATIVE_ERROR = str(exc)
+
+COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default: each norm is clamped to >= eps
+GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_fallback_warned = False
+
+
+def native_available() -> bool:
+    """Whether the compiled operator (mrkd._C) is loaded and used by `anomaly_map`."""
+    return _NATIVE_ERROR is None
+
+
+def _validate(
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: Sequence[int], sigma: float
+) -> tuple[int, int]:
+    """Raise ValueError naming the problem; return out_size as (height, width)."""
+    if isinstance(teacher, torch.Tensor) or isinstance(student, torch.Tensor):
+        raise ValueError("teacher and student must be lists of tensors (one per scale), not a tensor")
+    if len(teacher) == 0 or len(student) == 0:
+        raise ValueError(f"teacher and student must not be empty lists (got {len(teacher)} and {len(student)})")
+    if len(teacher) != len(student):
+        raise ValueError(f"teacher has {len(teacher)} scales but student has {len(student)}")
+    if len(out_size) != 2:
+        raise ValueError(f"out_size must be (height, width), got {tuple(out_size)}")
+    height, width = (int(v) for v in out_size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"out_size must be positive, got ({height}, {width})")
+    if not math.isfinite(float(sigma)) or float(sigma) < 0:
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    first = teacher[0]
+    for k, (t, s) in enumerate(zip(teacher, student)):
+        for name, x in (("teacher", t), ("student", s)):
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"{name}[{k}] is {type(x).__name__}, not a torch.Tensor")
+            if x.dim() != 4:
+                raise ValueError(f"{name}[{k}] must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+            if x.device != first.device:
+                raise ValueError(f"mixed devices: {name}[{k}] is on {x.device} but teacher[0] is on {first.device}")
+            if x.dtype != first.dtype:
+                raise ValueError(f"mixed dtypes: {name}[{k}] is {x.dtype} but teacher[0] is {first.dtype}")
+            if x.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(f"unsupported dtype {x.dtype}; expected float32, float16 or bfloat16")
+            if x.shape[0] != first.shape[0]:
+                raise ValueError(
+                    f"batch mismatch: {name}[{k}] has batch {x.shape[0]} but teacher[0] has {first.shape[0]}"
+                )
+            if min(x.shape) == 0:
+                raise ValueError(f"{name}[{k}] has an empty dimension: shape {tuple(x.shape)}")
+        if t.shape != s.shape:
+            raise ValueError(f"shape mismatch at scale {k}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+    return height, width
+
+
+def gaussian_radius(sigma: float) -> int:
+    """Kernel radius like scipy: int(truncate * sigma + 0.5); 0 (no blur) for sigma == 0."""
+    return int(GAUSSIAN_TRUNCATE * sigma + 0.5) if sigma > 0 else 0
+
+
+def gaussian_kernel1d(sigma: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalised 1-D Gaussian (2r+1 taps, computed in float64 like scipy), float32."""
+    radius = gaussian_radius(sigma)
+    if radius == 0:
+        return torch.ones(1, dtype=torch.float32, device=device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    phi = torch.exp(-0.5 / (sigma * sigma) * x * x)
+    return (phi / phi.sum()).to(device=device, dtype=torch.float32)
+
+
+def reflect_indices(size: int, radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Source index of each position of a line padded by `radius` on both sides, scipy "reflect" mode
+    (d c b a | a b c d | d c b a), repeating the reflection when radius exceeds size."""
+    positions = torch.arange(-radius, size + radius, device=device)
+    period = 2 * size
+    folded = torch.remainder(positions, period)
+    return torch.where(folded < size, folded, period - 1 - folded)
+
+
+def reflect_pad(maps: torch.Tensor, radius: int, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
+    """Pad the given dims of `maps` by `radius` with scipy's "reflect" border (any radius)."""
+    for dim in dims:
+        maps = maps.index_select(dim, reflect_indices(maps.shape[dim], radius, maps.device))
+    return maps
+
+
+def gaussian_blur_reference(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B, 1, H, W] float32 maps, equal to scipy.ndimage.gaussian_filter(
+    mode="reflect", truncate=4) per image."""
+    radius = gaussian_radius(sigma)
+    if radius == 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma, maps.device)
+    padded = reflect_pad(maps, radius)
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
+
+
+def _distance_sum(
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: tuple[int, int]
+) -> torch.Tensor:
+    """Sum over scales of the upsampled (align_corners=True) 1 - cosine similarity, [B, 1, H, W] float32."""
+    total = None
+    for t, s in zip(teacher, student):
+        distance = 1.0 - F.cosine_similarity(t.float(), s.float(), dim=1, eps=COSINE_EPS)
+        upsampled = F.interpolate(distance.unsqueeze(1), size=out_size, mode="bilinear", align_corners=True)
+        total = upsampled if total is None else total + upsampled
+    assert total is not None
+    return total
+
+
+@torch.no_grad()
+def anomaly_map_reference(
+    teacher: Sequence[torch.Tensor],
+    student: Sequence[torch.Tensor],
+    out_size: tuple[int, int],
+    sigma: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32)."""
+    size = _validate(teacher, student, out_size, sigma)
+    maps = gaussian_blur_reference(_distance_sum(teacher, student, size), float(sigma)).contiguous()
+    return maps, maps.flatten(1).amax(dim=1)
+
+
+@torch.no_grad()
+def anomaly_map(
+    teacher: Sequence[torch.Tensor],
+    student: Sequence[torch.Tensor],
+    out_size: tuple[int, int],
+    sigma: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused anomaly map: (maps [B, 1, H, W] float32, scores [B] float32, the max of each smoothed map).
+
+    Per scale 1 - cosine similarity over channels, bilinear upsampling (align_corners=True) to out_size, sum
+    over scales, Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect" border; sigma 0 = none), max.
+    """
+    global _fallback_warned
+    height, width = _validate(teacher, student, out_size, sigma)
+    if not native_available():
+        if not _fallback_warned:
+            _fallback_warned = True
+            warnings.warn(
+                f"mrkd._C is not built ({_NATIVE_ERROR}); anomaly_map uses the slower PyTorch reference. "
+                "Build it with `python setup.py build_ext --inplace`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return anomaly_map_reference(teacher, student, (height, width), sigma)
+    return torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma))

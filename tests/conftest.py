@@ -1,0 +1,78 @@
+"""Shared pytest fixtures.
+
+`tiny_checkpoint` (session): a real, tiny MRKD checkpoint trained through the public API `mrkd.train.train`
+    (ELPV mono cells, mobilenet_v2 with its packaged ImageNet weights, 64 px, 1 epoch on 8 images, calibrated on the
+    held-out normal cells). Returns the checkpoint Path. About 15 s on 2 cores.
+
+`served_model` (session): that checkpoint exported with `mrkd.export` (product "mrkd", map 32 px fp16) into a
+    temporary model repository and served by the real tritonserver through `mrkd.serve.TritonServer` on free
+    loopback ports. Yields a `ServedModel`:
+        grpc_url      "127.0.0.1:<port>" for tritonclient.grpc.InferenceServerClient
+        model_name    "mrkd"  (ensemble: IMAGE bytes -> SCORE, RAW_SCORE, IS_ANOMALOUS, ANOMALY_MAP)
+        raw_model_name "mrkd_raw" (ensemble: FRAME uint8 H x W x 3 -> the same outputs)
+        detector_model "mrkd_detector" (for statistics and direct PREPARED -> RAW_SCORE/RAW_MAP calls)
+        checkpoint    the checkpoint Path (load it with mrkd.Detector for in-process references)
+        repo, http_url, image_size, map_size, map_dtype, log_file
+    Starting the server (one stub process per model, each importing torch) takes ~30-60 s on a busy 2-core
+    machine, once per session; the server is stopped when the session ends.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+SERVED_MAP_SIZE = 32
+SERVED_MAP_DTYPE = "fp16"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    grpc_url: str
+    http_url: str
+    model_name: str
+    raw_model_name: str
+    detector_model: str
+    checkpoint: Path
+    repo: Path
+    image_size: int
+    map_size: int
+    map_dtype: str
+    log_file: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mrkd.config import TrainConfig
+    from mrkd.train import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    config = TrainConfig(data="elpv:mono", out=str(out), backbone="mobilenet_v2", pretrained=True, epochs=1,
+                         batch_size=4, image_size=64, max_train_images=8, device="cpu", save_every=0)
+    return train(config, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def served_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    from mrkd.checkpoint import load_checkpoint
+    from mrkd.export import ExportOptions, export
+    from mrkd.serve import TritonServer
+
+    work = tmp_path_factory.mktemp("served")
+    repo = work / "model_repository"
+    opts = ExportOptions(name="mrkd", device="cpu", map_size=SERVED_MAP_SIZE, map_dtype=SERVED_MAP_DTYPE,
+                         max_queue_delay_us=5000)
+    result = export(tiny_checkpoint, repo, opts)
+    image_size = int(load_checkpoint(tiny_checkpoint)["model_config"]["image_size"])
+    log_file = work / "tritonserver.log"
+    with TritonServer(repo, grpc_port=0, http_port=0, metrics_port=0, log_file=log_file) as server:
+        yield ServedModel(
+            grpc_url=server.grpc_url, http_url=server.http_url, model_name=result.models["ensemble"],
+            raw_model_name=result.models["raw_ensemble"], detector_model=result.models["detector"],
+            checkpoint=tiny_checkpoint, repo=repo, image_size=image_size, map_size=SERVED_MAP_SIZE,
+            map_dtype=SERVED_MAP_DTYPE, log_file=log_file,
+        )
+    shutil.rmtree(repo, ignore_errors=True)

@@ -1,0 +1,601 @@
+"""The inspection client: sources, drop policy, JSONL output and CLI parsing on real images and a real video;
+single-server runs, failover between two real Triton servers and Ctrl-C against the server from `served_model`."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.frame_queue import FrameQueue, QueueClosed
+from client.inspection import InspectionClient, encode_image
+from client.report import CameraStats, JsonlWriter, format_summary, read_jsonl
+from client.servers import NoServerReady, ServerPool, normalize_url
+from client.sources import (
+    FolderSource,
+    SourceError,
+    SourceOptions,
+    SyntheticSource,
+    open_source,
+    parse_camera,
+    parse_synthetic,
+)
+from client.cli import build_parser, parse_args
+from mrkd.preprocess import decode_image, load_image
+from mrkd.serve import free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = REPO_ROOT / "loadtest" / "images"
+
+
+def elpv_images() -> list[Path]:
+    import elpv_dataset
+
+    folder = Path(elpv_dataset.__file__).parent / "data" / "images"
+    return sorted(folder.glob("*.png"))
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Eight real ELPV cells, copied under shuffled-looking names so that name order is checked."""
+    folder = tmp_path / "cam"
+    folder.mkdir()
+    for i, path in enumerate(elpv_images()[:8]):
+        shutil.copy(path, folder / f"frame_{(i * 5) % 8:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    import cv2
+
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- drop policy
+
+
+def test_drop_oldest_keeps_the_newest_frames_and_returns_each_dropped_one():
+    queue: FrameQueue[int] = FrameQueue(3, "oldest")
+    dropped = [queue.put(i) for i in range(7)]
+    assert dropped == [None, None, None, 0, 1, 2, 3]
+    assert [queue.get(timeout=0) for _ in range(3)] == [4, 5, 6]
+    assert queue.dropped == 4
+    assert queue.get(timeout=0) is None
+
+
+def test_drop_newest_keeps_the_first_frames_and_refuses_new_ones():
+    queue: FrameQueue[int] = FrameQueue(2, "newest")
+    dropped = [queue.put(i) for i in range(5)]
+    assert dropped == [None, None, 2, 3, 4]
+    assert [queue.get(timeout=0), queue.get(timeout=0)] == [0, 1]
+    assert queue.dropped == 3
+
+
+def test_blocking_put_waits_for_room_and_never_drops():
+    queue: FrameQueue[int] = FrameQueue(2, "oldest")
+    produced = threading.Event()
+
+    def producer():
+        for i in range(20):
+            assert queue.put(i, block=True) is None
+        queue.close()
+        produced.set()
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    received = []
+    while (item := queue.get(timeout=5)) is not None:
+        received.append(item)
+    thread.join()
+    assert produced.is_set()
+    assert received == list(range(20))
+    assert queue.dropped == 0
+
+
+def test_blocking_put_times_out_with_the_frame_back():
+    queue: FrameQueue[str] = FrameQueue(1)
+    queue.put("a")
+    assert queue.put("b", block=True, timeout=0.01) == "b"
+    assert len(queue) == 1
+
+
+def test_closed_queue_refuses_puts_and_drains_what_is_left():
+    queue: FrameQueue[int] = FrameQueue(4)
+    queue.put(1)
+    queue.put(2)
+    queue.close()
+    with pytest.raises(QueueClosed):
+        queue.put(3)
+    assert queue.drain() == [1, 2]
+    assert queue.get(timeout=0) is None
+
+
+def test_queue_rejects_bad_settings():
+    with pytest.raises(ValueError, match="capacity"):
+        FrameQueue(0)
+    with pytest.raises(ValueError, match="drop policy"):
+        FrameQueue(2, "random")
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def test_folder_source_plays_real_images_once_in_name_order(image_folder: Path):
+    source = open_source(str(image_folder))
+    assert isinstance(source, FolderSource) and not source.live
+    frames = list(source.read("cam"))
+    assert [f.source_name for f in frames] == [f"frame_{i:02d}.png" for i in range(8)]
+    assert [f.index for f in frames] == list(range(8))
+    for frame in frames:
+        expected = load_image(image_folder / frame.source_name)
+        assert frame.image is not None and np.array_equal(frame.image, expected)
+        assert frame.image.shape == (300, 300, 3)
+    assert frames[0].capture_time <= frames[-1].capture_time
+    assert frames[0].capture_time_iso.endswith("+00:00")
+
+
+def test_folder_source_loops_and_fps_makes_it_live(image_folder: Path):
+    source = open_source(str(image_folder), SourceOptions(loop=True, fps=1000))
+    assert source.live
+    frames = list(itertools.islice(source.read("cam"), 20))
+    assert [f.source_name for f in frames[8:16]] == [f.source_name for f in frames[:8]]
+    assert [f.index for f in frames] == list(range(20))
+
+
+def test_folder_source_reports_an_unreadable_file_as_that_frames_error(image_folder: Path):
+    (image_folder / "frame_03.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    frames = list(open_source(str(image_folder)).read("cam"))
+    assert len(frames) == 8
+    bad = [f for f in frames if f.image is None]
+    assert [f.source_name for f in bad] == ["frame_03.png"]
+    assert "frame_03.png" in bad[0].read_error and "truncated" in bad[0].read_error
+
+
+def test_stop_event_ends_a_looping_source(image_folder: Path):
+    stop = threading.Event()
+    frames = []
+    for frame in open_source(str(image_folder), SourceOptions(loop=True)).read("cam", stop):
+        frames.append(frame)
+        if len(frames) == 5:
+            stop.set()
+    assert len(frames) == 5
+
+
+def test_video_source_reads_a_real_video_file(tmp_path: Path):
+    originals = [load_image(p) for p in elpv_images()[:6]]
+    video = write_video(tmp_path / "belt.avi", originals)
+    source = open_source(str(video))
+    assert not source.live
+    frames = list(source.read("belt"))
+    assert [f.source_name for f in frames] == [f"belt.avi#{i}" for i in range(6)]
+    for frame, original in zip(frames, originals):
+        assert frame.image is not None and frame.image.shape == original.shape
+        # MJPG is lossy: the decoded frame is close to the original, and far from the other frames
+        error = np.abs(frame.image.astype(int) - original.astype(int)).mean()
+        assert error < 6
+    assert np.abs(frames[0].image.astype(int) - originals[1].astype(int)).mean() > 2 * np.abs(
+        frames[0].image.astype(int) - originals[0].astype(int)).mean()
+    looped = list(itertools.islice(open_source(str(video), SourceOptions(loop=True)).read("belt"), 14))
+    assert [f.source_name for f in looped[6:12]] == [f"belt.avi#{i}" for i in range(6)]
+
+
+def test_synthetic_source_makes_real_texture_crops_with_pasted_defects():
+    spec = parse_synthetic("synthetic:texture=gravel,size=64,count=8,defect_every=4,seed=7")
+    assert (spec.texture, spec.size, spec.count, spec.defect_every, spec.seed) == ("gravel", 64, 8, 4, 7)
+    frames = list(SyntheticSource(spec, SourceOptions()).read("syn"))
+    assert len(frames) == 8
+    assert all(f.image is not None and f.image.shape == (64, 64, 3) for f in frames)
+    assert [f.source_name.endswith("defect") for f in frames] == [False, False, False, True] * 2
+    again = list(SyntheticSource(spec, SourceOptions()).read("syn"))
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(frames, again))
+    # the crops come from the real photo: each one is found in it
+    from skimage import data as skdata
+
+    photo = skdata.gravel()
+    first = frames[0].image[:, :, 0]
+    hits = [(y, x) for y in range(photo.shape[0] - 63) for x in range(0, photo.shape[1] - 63)
+            if photo[y, x] == first[0, 0] and np.array_equal(photo[y:y + 64, x:x + 64], first)]
+    assert hits
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("synthetic:texture=wood", "unknown texture"),
+        ("synthetic:size=8", "size"),
+        ("synthetic:count=0", "count"),
+        ("synthetic:colour=red", "cannot parse"),
+        ("synthetic:size=big", "size must be int"),
+    ],
+)
+def test_bad_synthetic_specs_name_the_problem(spec: str, message: str):
+    with pytest.raises(SourceError, match=message):
+        open_source(spec)
+
+
+def test_bad_sources_name_the_problem(tmp_path: Path):
+    with pytest.raises(SourceError, match="neither a folder"):
+        open_source(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        open_source(str(tmp_path / "empty"))
+    single = tmp_path / "one.png"
+    shutil.copy(elpv_images()[0], single)
+    with pytest.raises(SourceError, match="single image"):
+        open_source(str(single))
+    not_video = tmp_path / "clip.mp4"
+    not_video.write_bytes(b"not a video at all")
+    with pytest.raises(SourceError, match="OpenCV cannot open"):
+        open_source(str(not_video))
+    with pytest.raises(SourceError, match="--fps must be positive"):
+        open_source("synthetic:", SourceOptions(fps=0))
+
+
+def test_camera_arguments_are_parsed_and_checked():
+    assert parse_camera("line-1=rtsp://10.0.0.2/stream=1") == ("line-1", "rtsp://10.0.0.2/stream=1")
+    for bad in ("nosource", "=folder", "bad name=folder", "a/b=folder"):
+        with pytest.raises(SourceError):
+            parse_camera(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+def test_encoded_frames_decode_back_to_the_image():
+    image = load_image(elpv_images()[0])
+    assert np.array_equal(decode_image(encode_image(image, "png")), image)
+    jpeg = encode_image(image, "jpeg", 95)
+    assert jpeg[:2] == b"\xff\xd8"
+    assert np.abs(decode_image(jpeg).astype(int) - image.astype(int)).mean() < 2
+    assert len(encode_image(image, "jpeg", 30)) < len(jpeg)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def test_jsonl_writer_flushes_every_line_and_is_thread_safe(tmp_path: Path):
+    path = tmp_path / "out" / "results.jsonl"
+    writer = JsonlWriter(path)
+
+    def write(camera: str):
+        for i in range(200):
+            writer.write({"camera": camera, "frame": i, "text": "x" * 50})
+
+    threads = [threading.Thread(target=write, args=(f"cam{c}",)) for c in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    records = read_jsonl(path)  # read while the writer is still open: everything is on disk already
+    assert len(records) == 800 and writer.lines == 800
+    for c in range(4):
+        assert sorted(r["frame"] for r in records if r["camera"] == f"cam{c}") == list(range(200))
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.write({"late": True})
+    with pytest.raises(ValueError, match="folder"):
+        JsonlWriter(tmp_path)
+
+
+def test_camera_stats_summarise_what_was_recorded():
+    stats = CameraStats("cam")
+    for latency in (10.0, 20.0, 30.0, 40.0):
+        stats.frame_read()
+        stats.add("ok", latency, anomalous=latency > 25)
+    for status in ("dropped", "error"):
+        stats.frame_read()
+        stats.add(status)
+    summary = stats.summary()
+    assert (summary["read"], summary["answered"], summary["anomalous"], summary["dropped"], summary["errors"]) == (
+        6, 4, 2, 1, 1)
+    assert summary["p50_ms"] == pytest.approx(25.0)
+    assert 30.0 < summary["p99_ms"] <= 40.0
+    assert "cam" in format_summary([summary]).splitlines()[2]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI and pool
+
+
+def test_cli_parses_cameras_and_servers():
+    args = parse_args(["--url", "127.0.0.1:8001", "--url", "grpc://localhost:9001", "--camera", "a=synthetic:",
+                       "--camera", "b=some/folder", "--out", "r.jsonl", "--drop-policy", "newest", "--fps", "5"])
+    assert args.url == ["127.0.0.1:8001", "localhost:9001"]
+    assert args.camera == [("a", "synthetic:"), ("b", "some/folder")]
+    assert (args.drop_policy, args.fps, args.max_in_flight, args.encoding, args.transport) == (
+        "newest", 5.0, 4, "jpeg", "bytes")
+    assert "examples:" in build_parser().format_help()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--url", "http://127.0.0.1:8000"], "without http"),
+        (["--url", "127.0.0.1"], "HOST:PORT"),
+        (["--camera", "a=synthetic:"], "unique"),
+        (["--max-in-flight", "0"], "max-in-flight"),
+        (["--fps", "-1"], "fps"),
+        (["--jpeg-quality", "101"], "jpeg-quality"),
+    ],
+)
+def test_cli_rejects_bad_arguments_with_a_clear_message(extra, message, capsys):
+    argv = ["--url", "127.0.0.1:8001", "--camera", "a=synthetic:", "--out", "r.jsonl", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_pool_without_a_listening_server_reports_it_by_url():
+    url = f"127.0.0.1:{free_port()}"
+    with ServerPool([url], "mrkd", probe_interval=0, probe_timeout=0.5) as pool:
+        assert pool.probe_all() == []
+        assert pool.acquire() is None
+        with pytest.raises(NoServerReady, match=url):
+            pool.wait_until_ready(0.2)
+    with pytest.raises(ValueError, match="twice"):
+        ServerPool([url, url], "mrkd")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        normalize_url("localhost:99999")
+
+
+def test_client_rejects_bad_options_before_connecting():
+    for kwargs, message in (({"encoding": "webp"}, "encoding"), ({"transport": "udp"}, "transport"),
+                            ({"jpeg_quality": 0}, "quality"), ({"timeout": 0}, "timeout")):
+        with pytest.raises(ValueError, match=message):
+            InspectionClient(["127.0.0.1:1"], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- against Triton
+# Everything below talks to the real tritonserver of the session fixture `served_model` (tests/conftest.py).
+
+
+def copy_cells(folder: Path, paths: list[Path]) -> Path:
+    folder.mkdir(parents=True)
+    for path in paths:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detector(served_model):
+    from mrkd.detector import Detector
+
+    return Detector.load(served_model.checkpoint)
+
+
+def records_by_frame(records: list[dict]) -> dict[tuple[str, int], dict]:
+    keyed = {(r["camera"], r["frame"]): r for r in records}
+    assert len(keyed) == len(records), "a frame has more than one line"
+    return keyed
+
+
+def test_cli_two_cameras_write_one_line_per_real_frame_with_the_detectors_verdict(served_model, detector, tmp_path):
+    from client.cli import main
+
+    cells = elpv_images()
+    cameras = {"left": copy_cells(tmp_path / "left", cells[:12]), "right": copy_cells(tmp_path / "right", cells[12:24])}
+    out = tmp_path / "results.jsonl"
+    heatmaps = tmp_path / "heatmaps"
+    code = main(["--url", served_model.grpc_url, "--model", served_model.model_name, "--encoding", "png",
+                 "--camera", f"left={cameras['left']}", "--camera", f"right={cameras['right']}",
+                 "--out", str(out), "--save-heatmaps", str(heatmaps), "--progress", "none", "--max-in-flight", "3"])
+    assert code == 0
+    records = read_jsonl(out)
+    assert len(records) == 24
+    keyed = records_by_frame(records)
+    for camera, folder in cameras.items():
+        names = sorted(p.name for p in folder.iterdir())
+        assert [keyed[(camera, i)]["source"] for i in range(12)] == names
+        frames = [load_image(folder / name) for name in names]
+        expected = detector.predict(frames)
+        for i, name in enumerate(names):
+            record = keyed[(camera, i)]
+            assert record["status"] == "ok" and record["server"] == served_model.grpc_url
+            assert record["latency_ms"] > 0 and record["attempts"] == 1
+            # PNG is lossless: the server sees exactly this frame, so it must score as the in-process detector does
+            assert record["raw_score"] == pytest.approx(float(expected.scores[i]), rel=1e-3, abs=1e-4)
+            assert record["verdict"] == ("anomalous" if expected.is_anomalous[i] else "normal")
+            heatmap = heatmaps / camera / f"{camera}_{i:06d}.png"
+            assert heatmap.is_file() == (record["verdict"] == "anomalous")
+            assert record.get("heatmap") == (str(heatmap) if heatmap.is_file() else None)
+            if heatmap.is_file():
+                assert load_image(heatmap).shape == frames[i].shape
+
+
+def test_transports_bytes_raw_and_shared_memory_give_the_same_answer(served_model):
+    image = load_image(elpv_images()[30])
+    answers = {}
+    for transport in ("bytes", "raw", "shm"):
+        with InspectionClient([served_model.grpc_url], served_model.model_name, transport=transport,
+                              encoding="png", raw_model=served_model.raw_model_name, want_map=True,
+                              wait_ready=30) as client:
+            answers[transport] = [client.infer(image) for _ in range(2)]  # the second reuses the shm region
+    reference = answers["bytes"][0]
+    assert reference.anomaly_map is not None and reference.anomaly_map.shape == (served_model.map_size,) * 2
+    for transport, results in answers.items():
+        for result in results:
+            assert result.raw_score == pytest.approx(reference.raw_score, rel=1e-4), transport
+            assert result.is_anomalous == reference.is_anomalous
+            assert np.allclose(result.anomaly_map, reference.anomaly_map, atol=2e-3)
+
+
+def test_bad_image_bytes_are_an_error_and_the_server_stays_in_use(served_model):
+    with InspectionClient([served_model.grpc_url], served_model.model_name, wait_ready=30) as client:
+        from client.inspection import InspectionError
+
+        with pytest.raises(InspectionError, match="decodable|corrupt|image") as info:
+            client.infer(b"these bytes are no image")
+        assert info.value.server == served_model.grpc_url
+        assert client.pool.ready_servers()  # a bad request does not make the server look broken
+        assert client.infer(BUNDLED.joinpath("cell0004.png").read_bytes()).server == served_model.grpc_url
+
+
+@pytest.mark.parametrize("policy", ["oldest", "newest"])
+def test_live_camera_faster_than_the_server_drops_by_policy_and_records_every_frame(policy, served_model, tmp_path):
+    from client.cli import main
+
+    out = tmp_path / "results.jsonl"
+    code = main(["--url", served_model.grpc_url, "--camera", "fast=synthetic:size=64,count=40", "--fps", "1000",
+                 "--max-in-flight", "1", "--queue-size", "1", "--drop-policy", policy, "--out", str(out),
+                 "--progress", "none"])
+    assert code == 0
+    keyed = records_by_frame(read_jsonl(out))
+    assert sorted(i for _, i in keyed) == list(range(40))
+    statuses = [keyed[("fast", i)]["status"] for i in range(40)]
+    assert set(statuses) <= {"ok", "dropped"} and "dropped" in statuses and "ok" in statuses
+    reasons = {r.get("drop_reason") for r in keyed.values() if r["status"] == "dropped"}
+    assert reasons == {f"queue full (drop policy: {policy})"}
+    if policy == "oldest":
+        assert statuses[-1] == "ok"  # the newest frame is never pushed out
+    else:
+        assert statuses[0] == "ok"  # the first frame finds an empty queue and is never refused
+
+
+class GatedFolderSource(FolderSource):
+    """Real images in a loop until `release` is set, then `tail` more frames and the end (a camera switched off)."""
+
+    def __init__(self, folder: Path, release: threading.Event, tail: int = 6):
+        super().__init__(folder, SourceOptions())
+        self.release, self.tail = release, tail
+
+    def frames(self):
+        for count, item in enumerate(itertools.chain.from_iterable(itertools.repeat(list(super().frames())))):
+            if self.release.is_set():
+                self.tail -= 1
+                if self.tail < 0:
+                    return
+            yield item
+
+
+def test_failover_between_two_real_servers_loses_no_frame(served_model, tmp_path):
+    """Server B stops being ready (its ensemble unloaded), comes back (reloaded), then is shut down mid-run; the
+    pool avoids it, re-admits it, and every frame of both cameras is answered exactly once."""
+    from client.runner import MultiCameraRunner, RunOptions
+    from mrkd.serve import TritonServer
+
+    cells = elpv_images()
+    release = threading.Event()
+    sources = [(name, GatedFolderSource(copy_cells(tmp_path / name, cells[k * 6:(k + 1) * 6]), release))
+               for k, name in enumerate(("c1", "c2"))]
+    out = tmp_path / "results.jsonl"
+    server_b = TritonServer(served_model.repo, grpc_port=0, http_port=0, metrics_port=0,
+                            extra_args=("--model-control-mode=explicit", "--load-model=*"))
+    with server_b:
+        pool = ServerPool([served_model.grpc_url, server_b.grpc_url], served_model.model_name, probe_interval=0.2)
+        pool.start()
+        client = InspectionClient(pool, served_model.model_name)
+        writer = JsonlWriter(out)
+        runner = MultiCameraRunner(sources, client, writer, RunOptions(max_in_flight=2))
+        phases: dict[str, int] = {}
+        failure: list[BaseException] = []
+
+        def answered_by(url: str, after: int = 0) -> int:
+            return sum(1 for r in read_jsonl(out)[after:] if r.get("server") == url)
+
+        def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+            deadline = threading.Event()
+            timer = threading.Timer(timeout, deadline.set)
+            timer.start()
+            try:
+                while not condition():
+                    if deadline.wait(0.05):
+                        raise AssertionError(f"timed out waiting for {what}")
+            finally:
+                timer.cancel()
+
+        def control() -> None:
+            try:
+                admin = server_b.grpc_url
+                import tritonclient.grpc as grpcclient
+
+                with grpcclient.InferenceServerClient(admin) as b:
+                    wait_for(lambda: answered_by(server_b.grpc_url) >= 2, "B to answer")
+                    b.unload_model(served_model.model_name)
+                    wait_for(lambda: not pool.servers[1].ready, "the pool to mark B not ready")
+                    phases["unloaded"] = writer.lines
+                    wait_for(lambda: answered_by(served_model.grpc_url, phases["unloaded"]) >= 4, "A alone")
+                    phases["b_during_unload"] = answered_by(server_b.grpc_url, phases["unloaded"])
+                    b.load_model(served_model.model_name)
+                    wait_for(lambda: pool.servers[1].ready, "the pool to re-admit B")
+                    phases["reloaded"] = writer.lines
+                    wait_for(lambda: answered_by(server_b.grpc_url, phases["reloaded"]) >= 2, "B to answer again")
+                server_b.stop()  # SIGTERM in the middle of the run, requests in flight
+                phases["stopped"] = writer.lines
+                wait_for(lambda: not pool.servers[1].ready, "the pool to drop the stopped B")
+            except BaseException as exc:  # reported by the test thread
+                failure.append(exc)
+            finally:
+                release.set()
+
+        controller = threading.Thread(target=control)
+        controller.start()
+        runner.run()
+        controller.join()
+        writer.close()
+        client.close()
+        pool.close()
+    if failure:
+        raise failure[0]
+    records = read_jsonl(out)
+    keyed = records_by_frame(records)
+    for camera in ("c1", "c2"):
+        indices = sorted(i for c, i in keyed if c == camera)
+        assert indices == list(range(len(indices)))
+    assert all(r["status"] == "ok" for r in records), [r for r in records if r["status"] != "ok"]
+    # B got no request while it was not ready; it took requests again once re-admitted
+    after_unload = records[phases["unloaded"]:phases["reloaded"]]
+    assert phases["b_during_unload"] <= 2 * 2  # at most the requests already in flight on it (2 cameras x 2)
+    assert any(r["server"] == server_b.grpc_url for r in records[phases["reloaded"]:phases["stopped"]])
+    assert len(after_unload) >= 4
+    assert len(records) > phases["stopped"]  # frames after the stop, all answered (by A)
+    assert all(r["server"] == served_model.grpc_url for r in records[phases["stopped"] + 4:])
+
+
+def test_ctrl_c_stops_cleanly_with_one_line_for_every_frame_read(served_model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "results.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client", "--url", served_model.grpc_url, "--loop", "--fps", "50",
+         "--camera", "a=synthetic:size=64", "--camera", f"b={BUNDLED}", "--out", str(out), "--progress", "plain",
+         "--progress-interval", "0.5"],
+        cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if out.exists() and sum(1 for r in read_jsonl(out) if r["status"] == "ok") >= 4:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    records = read_jsonl(out)
+    keyed = records_by_frame(records)
+    for camera in ("a", "b"):
+        indices = sorted(i for c, i in keyed if c == camera)
+        assert indices == list(range(len(indices))), f"camera {camera} has a gap"
+    # the summary's frames-read count equals the lines written
+    table = stderr[stderr.index("camera  read"):].splitlines()
+    read_counts = {line.split()[0]: int(line.split()[1]) for line in table[2:4]}
+    assert read_counts == {c: sum(1 for k in keyed if k[0] == c) for c in ("a", "b")}
+    assert f"{len(records)} lines written" in stderr

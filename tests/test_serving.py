@@ -1,0 +1,346 @@
+"""Serving end to end: mrkd.export -> mrkd.serve (real tritonserver) -> gRPC (tritonclient) vs in-process Detector."""
+from __future__ import annotations
+
+import functools
+import io
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrkd.calibration import Calibration
+from mrkd.config import ModelConfig
+from mrkd.detector import Detector, Prediction
+from mrkd.export import ExportError, ExportOptions, export, existing_versions, model_names, render_configs
+from mrkd.preprocess import decode_image, prepare_image
+from mrkd.serve import ServerError, TritonServer, check_repository
+from mrkd.serving import decode_map, encode_map, resize_maps, split_counts, torch_threads_for
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RAW_SCORE_TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+def elpv_cells(count: int, label: int) -> list[np.ndarray]:
+    from mrkd.data import open_dataset
+
+    records = [r for r in open_dataset("elpv:mono").test if r.label == label][:count]
+    return [r.load_image() for r in records]
+
+
+def skimage_photo(name: str) -> np.ndarray:
+    import skimage
+
+    return np.asarray(Image.open(Path(skimage.__file__).parent / "data" / f"{name}.png").convert("RGB"))
+
+
+def encode(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid PNG header declaring width x height 8-bit grayscale pixels, with almost no data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    """Encoded real images: ELPV cells (normal and defective) as PNG and JPEG, a skimage texture photo."""
+    normal, defective = elpv_cells(2, 0), elpv_cells(2, 1)
+    return {
+        "normal0.png": encode(normal[0], "PNG"), "normal1.jpg": encode(normal[1], "JPEG"),
+        "defect0.png": encode(defective[0], "PNG"), "defect1.jpg": encode(defective[1], "JPEG"),
+        "brick.jpg": encode(skimage_photo("brick"), "JPEG"), "brick.bmp": encode(skimage_photo("brick")[:100], "BMP"),
+    }
+
+
+@pytest.fixture(scope="module")
+def detector(served_model) -> Detector:
+    return Detector.load(served_model.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def client(served_model):
+    with grpcclient.InferenceServerClient(served_model.grpc_url) as c:
+        yield c
+
+
+def reference(detector: Detector, encoded: list[bytes]) -> Prediction:
+    return detector.predict([decode_image(b) for b in encoded])
+
+
+def expected_map(detector: Detector, prediction: Prediction, map_size: int, map_dtype: str) -> np.ndarray:
+    resized = resize_maps(torch.from_numpy(prediction.maps), map_size).numpy()
+    return decode_map(encode_map(np.asarray(detector.calibration.normalize(resized)), map_dtype))
+
+
+def image_inputs(encoded: list[bytes]) -> list:
+    data = np.array([[b] for b in encoded], dtype=object)
+    tensor = grpcclient.InferInput("IMAGE", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return [tensor]
+
+
+def infer_images(client, model: str, encoded: list[bytes]) -> dict[str, np.ndarray]:
+    result = client.infer(model, image_inputs(encoded))
+    return {k: result.as_numpy(k) for k in ("SCORE", "RAW_SCORE", "IS_ANOMALOUS", "ANOMALY_MAP")}
+
+
+def assert_matches(out: dict[str, np.ndarray], pred: Prediction, detector: Detector, served) -> None:
+    n = len(pred)
+    assert out["RAW_SCORE"].shape == (n, 1) and out["SCORE"].shape == (n, 1) and out["IS_ANOMALOUS"].shape == (n, 1)
+    assert out["ANOMALY_MAP"].shape == (n, served.map_size, served.map_size)
+    assert out["ANOMALY_MAP"].dtype == np.float16
+    assert np.abs(out["RAW_SCORE"][:, 0] - pred.scores).max() <= RAW_SCORE_TOL
+    np.testing.assert_allclose(out["SCORE"][:, 0], pred.normalized_scores, atol=1e-3)
+    assert (out["IS_ANOMALOUS"][:, 0] == pred.is_anomalous).all()
+    served_map = decode_map(out["ANOMALY_MAP"])
+    np.testing.assert_allclose(served_map, expected_map(detector, pred, served.map_size, served.map_dtype), atol=2e-3)
+    assert served_map.min() >= 0.0 and served_map.max() <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- no server
+
+
+def test_committed_repository_is_the_default_export_template():
+    """model_repository/ holds exactly what `python -m mrkd.export --configs-only --device cpu` writes."""
+    rendered = render_configs(ModelConfig().image_size, ExportOptions())
+    committed = {p.parent.name: p.read_text() for p in (ROOT / "model_repository").glob("*/config.pbtxt")}
+    assert committed == rendered
+    assert set(committed) == {"mrkd", "mrkd_raw", "mrkd_preprocess", "mrkd_frame_preprocess", "mrkd_detector",
+                              "mrkd_postprocess"}
+
+
+def test_product_names_prefix_every_model_and_configs_follow_options():
+    assert model_names("bottle") == {
+        "ensemble": "bottle", "raw_ensemble": "bottle_raw", "preprocess": "bottle_preprocess",
+        "frame_preprocess": "bottle_frame_preprocess", "detector": "bottle_detector",
+        "postprocess": "bottle_postprocess"}
+    configs = render_configs(128, ExportOptions(name="bottle", device="gpu", max_batch_size=8, map_size=48,
+                                                map_dtype="uint8", instances=2))
+    assert 'model_name: "bottle_detector"' in configs["bottle"]
+    assert "count: 2 kind: KIND_GPU" in configs["bottle_detector"]
+    assert "dims: [ 3, 128, 128 ]" in configs["bottle_detector"]
+    assert 'name: "ANOMALY_MAP" data_type: TYPE_UINT8 dims: [ 48, 48 ]' in configs["bottle"]
+    assert all("max_batch_size: 8\n" in text for text in configs.values())
+    with pytest.raises(ExportError, match="--name"):
+        render_configs(64, ExportOptions(name="bad name"))
+    with pytest.raises(ExportError, match="map-dtype"):
+        render_configs(64, ExportOptions(map_dtype="fp64"))
+
+
+def test_map_encoding_and_batch_helpers():
+    normalized = np.array([[0.0, 0.5, 1.0, 0.2]], np.float32)
+    assert encode_map(normalized, "uint8").tolist() == [[0, 128, 255, 51]]
+    assert np.abs(decode_map(encode_map(normalized, "fp16")) - normalized).max() < 1e-3
+    maps = torch.rand(2, 64, 64)
+    assert torch.equal(resize_maps(maps, 64), maps)
+    small = resize_maps(maps, 16)
+    assert small.shape == (2, 16, 16)
+    # antialiased: pixel noise is averaged away instead of sampled, and a constant map stays constant
+    assert small.std() < maps.std() / 2
+    assert torch.allclose(resize_maps(torch.full((1, 64, 64), 0.3), 16), torch.full((1, 16, 16), 0.3))
+    assert [s.indices(10)[:2] for s in split_counts([2, 1, 3])] == [(0, 2), (2, 3), (3, 6)]
+    assert torch_threads_for(0, instances=2, cpu_count=8) == 4 and torch_threads_for(3, instances=2) == 3
+    assert torch_threads_for(0, instances=4, cpu_count=2) == 1
+
+
+def test_export_writes_numbered_versions_and_refuses_bad_input(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    opts = ExportOptions(name="cells", map_dtype="uint8")
+    assert export(tiny_checkpoint, repo, opts).version == 1
+    assert export(tiny_checkpoint, repo, opts).version == 2
+    assert existing_versions(repo, "cells") == [1, 2]
+    assert (repo / "cells_detector" / "2" / "checkpoint.pt").read_bytes() == tiny_checkpoint.read_bytes()
+    assert not list(repo.glob("*/.*.tmp")), "temporary version folders left behind"
+    assert "from mrkd.serving import DetectorModel as TritonPythonModel" in (
+        repo / "cells_detector" / "2" / "model.py").read_text()
+    assert check_repository(repo) == sorted(model_names("cells").values())
+    with pytest.raises(ExportError, match="version 2 of product 'cells' already exists"):
+        export(tiny_checkpoint, repo, opts, version=2)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    with pytest.raises(ExportError, match="truncated or corrupt"):
+        export(broken, repo, opts)
+    assert existing_versions(repo, "cells") == [1, 2]
+
+
+def test_serving_an_unexported_repository_fails_with_the_export_command(tmp_path):
+    repo = tmp_path / "model_repository"
+    shutil.copytree(ROOT / "model_repository", repo)
+    run = subprocess.run([sys.executable, "-m", "mrkd.serve", "--repo", str(repo), "--grpc-port", "0",
+                          "--http-port", "0", "--metrics-port", "0"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "has not been exported yet" in run.stderr and "python -m mrkd.export --checkpoint" in run.stderr
+    assert "mrkd_detector: no version folder" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- real server
+
+
+def test_model_that_fails_to_load_makes_serve_exit_nonzero_with_the_server_error(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    names = export(tiny_checkpoint, repo, ExportOptions(name="broken")).models
+    for role, model in names.items():  # only the detector: one stub process keeps this test short
+        if role != "detector":
+            shutil.rmtree(repo / model)
+    ckpt = repo / names["detector"] / "1" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:4096])
+    run = subprocess.run([sys.executable, "-m", "mrkd.serve", "--repo", str(repo), "--grpc-port", "0",
+                          "--http-port", "0", "--metrics-port", "0", "--log-file", str(tmp_path / "server.log")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "broken_detector" in run.stderr and "truncated or corrupt" in run.stderr
+
+
+def test_served_results_match_in_process_detector(served_model, client, detector, images):
+    encoded = list(images.values())
+    pred = reference(detector, encoded)
+    # one image per request, then all images in one request
+    for i, blob in enumerate(encoded):
+        single = Prediction(*(getattr(pred, f)[i : i + 1] for f in Prediction.__dataclass_fields__))
+        assert_matches(infer_images(client, served_model.model_name, [blob]), single, detector, served_model)
+    assert_matches(infer_images(client, served_model.model_name, encoded), pred, detector, served_model)
+    # the test images are not all alike: the scores differ from each other
+    assert np.ptp(pred.scores) > 10 * RAW_SCORE_TOL
+
+
+def test_detector_model_returns_raw_maps_of_the_in_process_detector(served_model, client, detector, images):
+    frames = [decode_image(b) for b in list(images.values())[:3]]
+    prepared = torch.stack([prepare_image(f, served_model.image_size) for f in frames]).numpy()
+    tensor = grpcclient.InferInput("PREPARED", list(prepared.shape), "UINT8")
+    tensor.set_data_from_numpy(prepared)
+    result = client.infer(served_model.detector_model, [tensor])
+    pred = detector.predict(frames)
+    expected = resize_maps(torch.from_numpy(pred.maps), served_model.map_size).numpy()
+    assert np.abs(result.as_numpy("RAW_MAP") - expected).max() <= RAW_SCORE_TOL
+    assert np.abs(result.as_numpy("RAW_SCORE")[:, 0] - pred.scores).max() <= RAW_SCORE_TOL
+
+
+def test_raw_frame_ensemble_matches_in_process_detector(served_model, client, detector):
+    frame = skimage_photo("gravel")[:200, :300]
+    data = frame[None]
+    tensor = grpcclient.InferInput("FRAME", list(data.shape), "UINT8")
+    tensor.set_data_from_numpy(data)
+    result = client.infer(served_model.raw_model_name, [tensor])
+    out = {k: result.as_numpy(k) for k in ("SCORE", "RAW_SCORE", "IS_ANOMALOUS", "ANOMALY_MAP")}
+    assert_matches(out, detector.predict([frame]), detector, served_model)
+
+
+def model_counts(client, model: str) -> tuple[int, int]:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def infer_concurrently(client, model: str, requests: list[list[bytes]]) -> list:
+    """Sends every request at once with async_infer; returns results or InferenceServerExceptions in order."""
+    results: list = [None] * len(requests)
+    done = threading.Semaphore(0)
+
+    def on_done(index: int, result, error) -> None:
+        results[index] = error if error is not None else result
+        done.release()
+
+    for i, encoded in enumerate(requests):
+        client.async_infer(model, image_inputs(encoded), callback=functools.partial(on_done, i))
+    for _ in requests:
+        assert done.acquire(timeout=120), "a request got no answer"
+    return results
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(served_model, client, detector, images):
+    encoded = list(images.values())
+    pred = reference(detector, encoded)
+    requests = [[encoded[i % len(encoded)]] for i in range(64)]
+    before = model_counts(client, served_model.detector_model)
+    results = infer_concurrently(client, served_model.model_name, requests)
+    after = model_counts(client, served_model.detector_model)
+    for i, result in enumerate(results):
+        assert not isinstance(result, Exception), result
+        assert abs(result.as_numpy("RAW_SCORE")[0, 0] - pred.scores[i % len(encoded)]) <= RAW_SCORE_TOL
+        assert result.as_numpy("IS_ANOMALOUS")[0, 0] == pred.is_anomalous[i % len(encoded)]
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 64
+    assert inferences / executions >= 4, f"{inferences} images in {executions} detector executions"
+
+
+def bad_inputs(images: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
+    png = images["normal0.png"]
+    return {
+        "corrupt": (b"this is not an image" * 10, "not a decodable image"),
+        "empty": (b"", "empty image bytes"),
+        "truncated png": (png[: len(png) // 2], "truncated"),
+        "decompression bomb": (png_bomb(), "too large|more than the limit"),
+    }
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty", "truncated png", "decompression bomb"])
+def test_bad_image_gets_a_clear_error_and_the_next_request_is_fine(case, served_model, client, detector, images):
+    blob, message = bad_inputs(images)[case]
+    with pytest.raises(InferenceServerException, match=f"invalid IMAGE: .*({message})"):
+        client.infer(served_model.model_name, image_inputs([blob]))
+    good = images["defect0.png"]
+    assert_matches(infer_images(client, served_model.model_name, [good]), reference(detector, [good]), detector,
+                   served_model)
+
+
+def test_wrong_dtype_and_shape_are_refused_with_a_clear_error(served_model, client, detector, images):
+    as_float = grpcclient.InferInput("IMAGE", [1, 1], "FP32")
+    as_float.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    with pytest.raises(InferenceServerException, match="(?i)datatype|data type"):
+        client.infer(served_model.model_name, [as_float])
+    two_per_item = np.array([[images["normal0.png"], images["normal0.png"]]], dtype=object)
+    wrong_shape = grpcclient.InferInput("IMAGE", [1, 2], "BYTES")
+    wrong_shape.set_data_from_numpy(two_per_item)
+    with pytest.raises(InferenceServerException, match="(?i)shape"):
+        client.infer(served_model.model_name, [wrong_shape])
+    four_channels = grpcclient.InferInput("FRAME", [1, 32, 32, 4], "UINT8")
+    four_channels.set_data_from_numpy(np.zeros((1, 32, 32, 4), np.uint8))
+    with pytest.raises(InferenceServerException, match="(?i)shape"):
+        client.infer(served_model.raw_model_name, [four_channels])
+    good = images["normal1.jpg"]
+    assert_matches(infer_images(client, served_model.model_name, [good]), reference(detector, [good]), detector,
+                   served_model)
+
+
+def test_a_bad_request_in_a_dynamic_batch_fails_alone(served_model, client, detector, images):
+    bad = bad_inputs(images)
+    good = [images["normal0.png"], images["defect1.jpg"]]
+    pred = reference(detector, good)
+    kinds = ["good", "corrupt", "good", "empty", "good", "truncated png", "good", "decompression bomb"] * 4
+    requests = [[good[i % 2]] if kind == "good" else [bad[kind][0]] for i, kind in enumerate(kinds)]
+    before = model_counts(client, model_names(served_model.model_name)["preprocess"])
+    results = infer_concurrently(client, served_model.model_name, requests)
+    after = model_counts(client, model_names(served_model.model_name)["preprocess"])
+    for i, (kind, result) in enumerate(zip(kinds, results)):
+        if kind == "good":
+            assert not isinstance(result, Exception), f"good request {i} failed: {result}"
+            assert abs(result.as_numpy("RAW_SCORE")[0, 0] - pred.scores[i % 2]) <= RAW_SCORE_TOL
+        else:
+            assert isinstance(result, InferenceServerException), f"bad request {i} ({kind}) was answered"
+            assert re.search(bad[kind][1], result.message()), result.message()
+    # the requests really did share preprocess executions with each other
+    assert after[1] - before[1] < len(requests)
