@@ -1,0 +1,91 @@
+"""Training on real images: determinism, resume, checkpoint contents, CLI errors; the Detector on its output."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mrkd import Detector
+from mrkd.checkpoint import load_checkpoint
+from mrkd.config import TrainConfig
+from mrkd.data import open_dataset
+from mrkd.train import main as train_main
+from mrkd.train import train
+
+TINY = dict(data="textures:brick", image_size=64, batch_size=4, max_train_images=8, save_every=0, seed=5)
+
+
+def tiny(out, **kw) -> TrainConfig:
+    return TrainConfig(out=str(out), **(TINY | {"epochs": 2} | kw))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train(tiny(out), show_progress=False)
+
+
+def test_checkpoint_holds_what_serving_needs(trained):
+    data = load_checkpoint(trained)
+    assert data["model_config"]["backbone"] == "mobilenet_v2" and data["model_config"]["image_size"] == 64
+    assert data["train_config"]["ilm"] and data["train_config"]["flm"] and data["train_config"]["seed"] == 5
+    assert data["calibration"]["threshold"] > data["calibration"]["low"]
+    assert data["epoch"] == 2 and len(data["losses"]) == 2
+    assert {"torch", "mrkd", "torchvision"} <= set(data["versions"])
+    assert any(k.startswith("teacher.") for k in data["state_dict"])  # serves without the original weight files
+    assert (trained.parent / "loss_curve.png").stat().st_size > 0
+
+
+def test_same_seed_same_losses_and_weights(trained, tmp_path):
+    again = train(tiny(tmp_path), show_progress=False)
+    a, b = load_checkpoint(trained), load_checkpoint(again)
+    assert a["losses"] == b["losses"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    other = load_checkpoint(train(tiny(tmp_path / "other", seed=6), show_progress=False))
+    assert other["losses"] != a["losses"]
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    train(tiny(tmp_path, epochs=1), show_progress=False)
+    first = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert first["epoch"] == 1
+    resumed = load_checkpoint(train(tiny(tmp_path, epochs=2, resume=True), show_progress=False))
+    straight = load_checkpoint(trained)
+    assert resumed["losses"][0] == first["losses"][0]
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
+
+
+def test_rd4ad_mode_has_no_generation_blocks(tmp_path):
+    data = load_checkpoint(train(tiny(tmp_path, epochs=1, ilm=False, flm=False), show_progress=False))
+    assert not any(k.startswith("generation.") for k in data["state_dict"])
+    assert data["model_config"]["flm"] is False
+
+
+def test_detector_is_deterministic_and_batch_invariant(trained):
+    images = [r.load_image() for r in open_dataset("textures:brick", seed=5).test[:5]]
+    one = Detector.load(trained, batch_size=1).predict(images)
+    many = Detector.load(trained, batch_size=4).predict(images)
+    again = Detector.load(trained, batch_size=4).predict(images)
+    np.testing.assert_array_equal(many.scores, again.scores)
+    np.testing.assert_allclose(one.scores, many.scores, rtol=1e-5, atol=1e-6)
+    assert many.maps.shape == (5, 64, 64)
+    np.testing.assert_allclose(many.scores, many.maps.reshape(5, -1).max(axis=1), rtol=1e-6)
+    assert ((many.normalized_scores > 0.5) == many.is_anomalous).all()
+
+
+def test_cli_reports_a_bad_dataset_folder(tmp_path, caplog):
+    (tmp_path / "data" / "widget" / "train").mkdir(parents=True)
+    with caplog.at_level(logging.ERROR):
+        rc = train_main(["--data", str(tmp_path / "data"), "--category", "widget", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "train/good" in caplog.text
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_cli_reports_missing_weights(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        rc = train_main(["--data", "textures:brick", "--weights", str(tmp_path / "nowhere.pth"),
+                         "--image-size", "64", "--epochs", "1", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "nowhere.pth" in caplog.text
