@@ -18,10 +18,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from mrkd import ops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from mrkd import ops  # noqa: E402
 
 WRN50_256PX_SHAPES = [(256, 64, 64), (512, 32, 32), (1024, 16, 16)]
 OUT_SIZE = (256, 256)

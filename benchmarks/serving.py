@@ -36,6 +36,9 @@ from mrkd.serve import TritonServer  # noqa: E402
 from mrkd.torch_model import MRKDModel  # noqa: E402
 
 
+MIN_BATCHES = 5  # a measurement of one or two batches says nothing
+
+
 @dataclass
 class Measurement:
     label: str
@@ -78,7 +81,7 @@ def bench_in_process(detector: Detector, encoded: list[bytes], batch_size: int, 
     batch = [encoded[i % len(encoded)] for i in range(batch_size)]
     detector.predict([decode_image(b) for b in batch])  # warm-up for this shape
     done, latencies, start = 0, [], time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < seconds or len(latencies) < MIN_BATCHES:
         t0 = time.perf_counter()
         detector.predict([decode_image(b) for b in batch])
         latencies.append((time.perf_counter() - t0) * 1000)

@@ -91,19 +91,24 @@ class FrameSource:
         pass
 
 
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder (not recursive), in name order; raises SourceError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SourceError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SourceError(f"no images in {folder} (looked for files ending in {', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
 class FolderSource(FrameSource):
     """The image files of a folder (not recursive), in name order; once, or forever with `loop`."""
 
     def __init__(self, folder: str | Path, options: SourceOptions):
         super().__init__(options)
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise SourceError(f"image folder not found: {self.folder}")
-        self.paths = sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
-            raise SourceError(
-                f"no images in {self.folder} (looked for files ending in {', '.join(IMAGE_SUFFIXES)})"
-            )
+        self.paths = image_files(self.folder)
         self.description = f"folder {self.folder} ({len(self.paths)} images)"
 
     def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:

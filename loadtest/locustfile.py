@@ -32,7 +32,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 from client.inspection import InspectionClient, InspectionError  # noqa: E402
-from client.sources import IMAGE_SUFFIXES  # noqa: E402
+from client.sources import SourceError, image_files  # noqa: E402
 
 BUNDLED_IMAGES = Path(__file__).resolve().parent / "images"
 
@@ -46,16 +46,11 @@ def _add_arguments(parser) -> None:
 
 
 def load_image_bytes(folder: str | Path) -> list[tuple[str, bytes]]:
-    """(file name, file bytes) of the images in `folder`, in name order; raises ValueError if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"--images: folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    images = [(p.name, p.read_bytes()) for p in files]
-    images = [(name, data) for name, data in images if data]
-    if not images:
-        raise ValueError(f"--images: no non-empty images in {folder} ({', '.join(IMAGE_SUFFIXES)})")
-    return images
+    """(file name, file bytes) of the images in `folder`, in name order."""
+    try:
+        return [(path.name, path.read_bytes()) for path in image_files(folder)]
+    except SourceError as exc:
+        raise StopUser(f"--images: {exc}") from exc
 
 
 class InspectionUser(User):

@@ -150,7 +150,8 @@ class TritonServer:
         startup_timeout: float = 300.0,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.repo = Path(repo).resolve()
+        self.repo_arg = Path(repo)  # as given, for messages
+        self.repo = self.repo_arg.resolve()
         self.host = host
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         self.log_file = Path(log_file) if log_file else None
@@ -193,7 +194,7 @@ class TritonServer:
     def start(self) -> None:
         if self._process is not None:
             raise ServerError("server already started")
-        self.models = check_repository(self.repo)
+        self.models = check_repository(self.repo_arg)
         install = find_triton()
         self.ports = {k: (free_port(self.host) if v == 0 else v) for k, v in self.ports.items()}
         self._workdir = Path(tempfile.mkdtemp(prefix="mrkd-triton-"))

@@ -245,7 +245,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     return TrainConfig(data=a.data, out=a.out, category=a.category, backbone=a.backbone, weights=a.weights,
                        pretrained=not a.no_pretrained, epochs=a.epochs, batch_size=a.batch_size,
                        image_size=a.image_size, lr=a.lr, seed=a.seed, ilm=a.ilm, flm=a.flm,

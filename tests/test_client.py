@@ -470,7 +470,7 @@ class GatedFolderSource(FolderSource):
         self.release, self.tail = release, tail
 
     def frames(self):
-        for count, item in enumerate(itertools.chain.from_iterable(itertools.repeat(list(super().frames())))):
+        for item in itertools.cycle(list(super().frames())):
             if self.release.is_set():
                 self.tail -= 1
                 if self.tail < 0:
@@ -489,7 +489,11 @@ def test_failover_between_two_real_servers_loses_no_frame(served_model, tmp_path
     sources = [(name, GatedFolderSource(copy_cells(tmp_path / name, cells[k * 6:(k + 1) * 6]), release))
                for k, name in enumerate(("c1", "c2"))]
     out = tmp_path / "results.jsonl"
-    server_b = TritonServer(served_model.repo, grpc_port=0, http_port=0, metrics_port=0,
+    # B serves only the encoded-image ensemble and its steps: fewer python-backend processes to start.
+    repo_b = tmp_path / "repo_b"
+    shutil.copytree(served_model.repo, repo_b, ignore=lambda folder, names: [
+        n for n in names if Path(folder) == Path(served_model.repo) and n.endswith(("_raw", "_frame_preprocess"))])
+    server_b = TritonServer(repo_b, grpc_port=0, http_port=0, metrics_port=0,
                             extra_args=("--model-control-mode=explicit", "--load-model=*"))
     with server_b:
         pool = ServerPool([served_model.grpc_url, server_b.grpc_url], served_model.model_name, probe_interval=0.2)
@@ -599,3 +603,15 @@ def test_ctrl_c_stops_cleanly_with_one_line_for_every_frame_read(served_model, t
     read_counts = {line.split()[0]: int(line.split()[1]) for line in table[2:4]}
     assert read_counts == {c: sum(1 for k in keyed if k[0] == c) for c in ("a", "b")}
     assert f"{len(records)} lines written" in stderr
+
+
+def test_image_files_lists_a_folders_images_in_name_order(image_folder: Path, tmp_path: Path):
+    from client.sources import image_files
+
+    assert [p.name for p in image_files(image_folder)] == [f"frame_{i:02d}.png" for i in range(8)]
+    bundled = image_files(BUNDLED)  # the load test's default images
+    assert len(bundled) == 7 and all(load_image(p).shape == (300, 300, 3) for p in bundled)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no images"):
+        image_files(empty)

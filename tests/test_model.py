@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mrkd import backbones
 from mrkd.backbones import MissingWeightsError, available_backbones, create_backbone, imagenet_classifier
 from mrkd.config import ModelConfig
 from mrkd.data import open_dataset
