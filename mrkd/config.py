@@ -54,6 +54,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     seed: int = 111
     ilm: bool = True
+    ilm_category: str | None = None  # ILM table row to use; default: the data's category (texture row if unknown)
     flm: bool = True
     flm_ratio: float = 0.2
     save_every: int = 5

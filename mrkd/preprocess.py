@@ -91,7 +91,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 def prepare_image(image: np.ndarray, image_size: int) -> torch.Tensor:
     """One image -> uint8 [3, S, S]: RGB, antialiased bilinear resize (torchvision)."""
-    rgb = torch.from_numpy(to_rgb(image)).permute(2, 0, 1)
+    array = to_rgb(image)
+    if not array.flags.writeable:  # PIL and Triton hand out read-only buffers; torch wants to own a writable one
+        array = array.copy()
+    rgb = torch.from_numpy(array).permute(2, 0, 1)
     if rgb.shape[1] == image_size and rgb.shape[2] == image_size:
         return rgb.contiguous()
     return TF.resize(rgb, [image_size, image_size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)

@@ -173,7 +173,10 @@ class _PythonModel:
         """Runs the model once so that the first real request does not pay for lazy initialisation."""
 
     def _error(self, message: str):
-        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+        """A per-request error; INVALID_ARG tells clients that retrying elsewhere will not help."""
+        code = getattr(self.pb.TritonError, "INVALID_ARG", None)
+        error = self.pb.TritonError(message, code) if code is not None else self.pb.TritonError(message)
+        return self.pb.InferenceResponse(output_tensors=[], error=error)
 
     def _input(self, request, name: str) -> np.ndarray:
         tensor = self.pb.get_input_tensor_by_name(request, name)

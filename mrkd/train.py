@@ -31,7 +31,7 @@ from .data import ImageRecord, open_dataset
 from .detector import Detector
 from .io_utils import write_json
 from .loss import cosine_distillation_loss
-from .masking import ilm_config_for, ilm_corrupt
+from .masking import ILM_SETTINGS, ilm_config_for, ilm_corrupt
 from .preprocess import normalize, prepare_image
 from .torch_model import MRKDModel
 from .visualize import save_line_plot
@@ -123,7 +123,9 @@ def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     np.random.seed(cfg.seed)
 
     splits = open_dataset(cfg.data, cfg.category, seed=cfg.seed)
-    category = cfg.category or splits.category
+    if cfg.ilm_category and cfg.ilm_category not in ILM_SETTINGS:
+        raise ValueError(f"--ilm-category {cfg.ilm_category!r} is not one of {', '.join(sorted(ILM_SETTINGS))}")
+    category = cfg.ilm_category or cfg.category or splits.category
     train_records = splits.train[: cfg.max_train_images] if cfg.max_train_images else splits.train
     if not train_records:
         raise ValueError(f"{cfg.data}: no training images")
@@ -240,6 +242,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ilm", type=on_off, default=True, metavar="on|off", help="image-level masking (default on)")
+    p.add_argument("--ilm-category", default=None,
+                   help="use this MVTec AD category's ILM patch settings (default: the data's category; unknown "
+                        "categories get the texture row)")
     p.add_argument("--flm", type=on_off, default=True, metavar="on|off", help="feature-level masking (default on)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every K epochs (0: only at the end)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
@@ -251,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         torch.set_num_threads(a.threads)
     return TrainConfig(data=a.data, out=a.out, category=a.category, backbone=a.backbone, weights=a.weights,
                        pretrained=not a.no_pretrained, epochs=a.epochs, batch_size=a.batch_size,
-                       image_size=a.image_size, lr=a.lr, seed=a.seed, ilm=a.ilm, flm=a.flm,
+                       image_size=a.image_size, lr=a.lr, seed=a.seed, ilm=a.ilm, ilm_category=a.ilm_category, flm=a.flm,
                        save_every=a.save_every, device=a.device, max_train_images=a.max_train_images,
                        resume=a.resume)
 
