@@ -73,10 +73,16 @@ def read_history(path: str | Path) -> History:
         users=[int(float(r["User Count"])) for r in rows],
         rps=[_number(r["Requests/s"]) or 0.0 for r in rows],
         failures_per_s=[_number(r["Failures/s"]) or 0.0 for r in rows],
-        p50=[_number(r["50%"]) for r in rows],
-        p95=[_number(r["95%"]) for r in rows],
-        p99=[_number(r["99%"]) for r in rows],
+        p50=[_latency(r["50%"]) for r in rows],
+        p95=[_latency(r["95%"]) for r in rows],
+        p99=[_latency(r["99%"]) for r in rows],
     )
+
+
+def _latency(text: str) -> float | None:
+    """A percentile of the history window; locust writes 0 (or N/A) for a window in which no request finished."""
+    value = _number(text)
+    return value if value is not None and value > 0 else None
 
 
 def read_totals(path: str | Path) -> Totals:
