@@ -47,7 +47,7 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     pretrained: bool = True
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 16
     image_size: int = 256
     lr: float = 0.005
