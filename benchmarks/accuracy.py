@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 MODES = {"MRKD": ["--ilm", "on", "--flm", "on"], "RD4AD": ["--ilm", "off", "--flm", "off"]}
+NOTES_MARKER = "<!-- notes: kept when this file is regenerated -->"
 DEFAULT_DATASETS = ["elpv:mono", "textures:brick", "textures:grass", "textures:gravel"]
 
 
@@ -67,6 +68,8 @@ def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> No
                      f"{secs} |")
     lines += ["", "Commands, one per row:", ""]
     lines += [f"- {r['dataset']} {r['mode']}: `{r['command']}`" for r in rows]
+    if path.exists() and NOTES_MARKER in path.read_text():  # hand-written analysis below the marker is kept
+        lines += ["", path.read_text()[path.read_text().index(NOTES_MARKER):].rstrip("\n")]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
