@@ -68,10 +68,10 @@ def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]
     for name, (_, labels) in feeds.items():
         mine = [r for r in rows if r.get("camera") == name]
         ok = [r for r in mine if r.get("status") == "ok"]
-        correct = sum(int(bool(r.get("is_anomalous"))) == labels.get(Path(str(r.get("source", ""))).name, -1)
-                      for r in ok)
+        verdicts = [(r.get("verdict") == "anomalous", labels.get(Path(str(r.get("source", ""))).name)) for r in ok]
+        correct = sum(int(flagged) == label for flagged, label in verdicts)
         summary[name] = {"frames": len(mine), "status": dict(Counter(r.get("status") for r in mine)),
-                         "anomalous": sum(bool(r.get("is_anomalous")) for r in ok),
+                         "anomalous": sum(flagged for flagged, _ in verdicts),
                          "verdict_accuracy": round(correct / len(ok), 3) if ok else None}
     return summary
 

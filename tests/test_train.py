@@ -89,3 +89,55 @@ def test_cli_reports_missing_weights(tmp_path, caplog):
                          "--image-size", "64", "--epochs", "1", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "nowhere.pth" in caplog.text
+
+
+def test_evaluate_writes_metrics_plots_and_worst_cases(trained, tmp_path):
+    import json
+
+    from mrkd.evaluate import main as evaluate_main
+
+    assert evaluate_main(["--checkpoint", str(trained), "--data", "textures:brick", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_normal"] == 20 and metrics["n_anomalous"] == 40 and metrics["seed"] == 5
+    for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["ms_per_image"] > 0
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    worst = sorted(p.name for p in (tmp_path / "worst").iterdir())
+    assert sum(n.startswith("false_positive") for n in worst) == 4
+    assert sum(n.startswith("false_negative") for n in worst) == 4
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert len(rows) == 61 and rows[0].startswith("name,defect,label,raw_score")
+
+
+def test_evaluate_refuses_a_truncated_checkpoint(trained, tmp_path, caplog):
+    from mrkd.evaluate import main as evaluate_main
+
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(trained.read_bytes()[:1000])
+    with caplog.at_level(logging.ERROR):
+        assert evaluate_main(["--checkpoint", str(cut), "--data", "textures:brick", "--out", str(tmp_path)]) == 2
+    assert "truncated or corrupt" in caplog.text
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_two_process_ddp_training_with_gloo(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mrkd.serve import free_port
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()),
+           "-m", "mrkd.train", "--data", "textures:brick", "--image-size", "64", "--batch-size", "4",
+           "--max-train-images", "8", "--epochs", "2", "--save-every", "0", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = load_checkpoint(out / "checkpoint.pt")
+    assert data["epoch"] == 2 and len(data["losses"]) == 2 and all(np.isfinite(data["losses"]))
+    assert data["calibration"]["threshold"] > data["calibration"]["low"]
+    assert not any(k.startswith("module.") for k in data["state_dict"])  # saved unwrapped, loads in Detector
+    assert len(Detector.load(out / "checkpoint.pt").predict([np.zeros((64, 64), np.uint8)])) == 1
