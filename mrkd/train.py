@@ -226,7 +226,8 @@ def on_off(value: str) -> bool:
     return value == "on"
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
+    """The run's config and the requested torch thread count (None: torch's choice)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m mrkd.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,18 +253,18 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     return TrainConfig(data=a.data, out=a.out, category=a.category, backbone=a.backbone, weights=a.weights,
                        pretrained=not a.no_pretrained, epochs=a.epochs, batch_size=a.batch_size,
                        image_size=a.image_size, lr=a.lr, seed=a.seed, ilm=a.ilm, ilm_category=a.ilm_category, flm=a.flm,
                        save_every=a.save_every, device=a.device, max_train_images=a.max_train_images,
-                       resume=a.resume)
+                       resume=a.resume), a.threads
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = parse_args(argv)
+    cfg, threads = parse_args(argv)
+    if threads:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     try:
         path = train(cfg)
