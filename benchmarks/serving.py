@@ -25,15 +25,15 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mrkd.calibration import Calibration  # noqa: E402
-from mrkd.checkpoint import save_checkpoint  # noqa: E402
-from mrkd.config import ModelConfig  # noqa: E402
+from mrkd.runtime.calibration import Calibration  # noqa: E402
+from mrkd.runtime.checkpoint import save_checkpoint  # noqa: E402
+from mrkd.core.config import ModelConfig  # noqa: E402
 from mrkd.data import open_dataset  # noqa: E402
-from mrkd.detector import Detector  # noqa: E402
-from mrkd.export import ExportOptions, export  # noqa: E402
-from mrkd.preprocess import decode_image, prepare_batch  # noqa: E402
-from mrkd.serve import TritonServer  # noqa: E402
-from mrkd.torch_model import MRKDModel  # noqa: E402
+from mrkd.runtime.detector import Detector  # noqa: E402
+from mrkd.triton.repository import ExportOptions, export  # noqa: E402
+from mrkd.core.preprocess import decode_image, prepare_batch  # noqa: E402
+from mrkd.triton.launcher import TritonServer  # noqa: E402
+from mrkd.model.network import MRKDModel  # noqa: E402
 
 
 MIN_BATCHES = 5  # a measurement of one or two batches says nothing
@@ -58,7 +58,7 @@ def random_checkpoint(backbone: str, image_size: int, images: list[np.ndarray], 
     """A checkpoint with random weights (speed does not depend on training), calibrated on real images."""
     torch.manual_seed(0)
     config = ModelConfig(backbone=backbone, image_size=image_size)
-    model = MRKDModel.from_config(config, pretrained=False).eval()
+    model = MRKDModel.from_config(config).eval()
     detector = Detector(model, config, Calibration(threshold=1.0, low=0.0))
     scores = detector.predict_prepared(prepare_batch(images[:8], image_size)).scores
     save_checkpoint(path, {"model_config": config.to_dict(), "train_config": None, "state_dict": model.state_dict(),

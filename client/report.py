@@ -71,7 +71,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def save_heatmap_overlay(folder: str | Path, camera: str, index: int, image: np.ndarray, anomaly_map: np.ndarray) -> Path:
     """Writes <folder>/<camera>/<camera>_<index:06d>.png (atomic) and returns its path."""
-    from mrkd.visualize import overlay, save_png
+    from mrkd.runtime.visualize import overlay, save_png
 
     path = Path(folder) / camera / f"{camera}_{index:06d}.png"
     return save_png(path, overlay(image, anomaly_map))

@@ -20,7 +20,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from mrkd.io_utils import atomic_path  # noqa: E402
+from mrkd.core.files import atomic_path  # noqa: E402
 
 AGGREGATED = "Aggregated"
 

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import TrainConfig
+from .core.config import TrainConfig
 from .data import open_dataset
-from .evaluate import evaluate
-from .export import ExportOptions, export
-from .serve import TritonServer
-from .train import train
-from .visualize import save_png
+from .runtime.checkpoint import CheckpointError, load_checkpoint
+from .runtime.evaluation import evaluate
+from .runtime.training import train
+from .runtime.visualize import save_png
+from .triton.launcher import TritonServer
+from .triton.repository import ExportOptions, export
 
 log = logging.getLogger("mrkd.demo")
 

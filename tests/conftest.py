@@ -46,8 +46,8 @@ class ServedModel:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mrkd.config import TrainConfig
-    from mrkd.train import train
+    from mrkd.core.config import TrainConfig
+    from mrkd.runtime.training import train
 
     out = tmp_path_factory.mktemp("tiny-run")
     config = TrainConfig(data="elpv:mono", out=str(out), backbone="mobilenet_v2", pretrained=True, epochs=1,
@@ -57,9 +57,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def served_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
-    from mrkd.checkpoint import load_checkpoint
-    from mrkd.export import ExportOptions, export
-    from mrkd.serve import TritonServer
+    from mrkd.runtime.checkpoint import load_checkpoint
+    from mrkd.triton.repository import ExportOptions, export
+    from mrkd.triton.launcher import TritonServer
 
     work = tmp_path_factory.mktemp("served")
     repo = work / "model_repository"

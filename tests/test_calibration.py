@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrkd.calibration import Calibration
+from mrkd.runtime.calibration import Calibration
 
 
 def test_threshold_maps_to_half_and_low_to_zero():

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from mrkd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mrkd.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def payload():

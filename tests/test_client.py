@@ -25,8 +25,8 @@ from client.sources import (
     parse_synthetic,
 )
 from client.cli import build_parser, parse_args
-from mrkd.preprocess import decode_image, load_image
-from mrkd.serve import free_port
+from mrkd.core.preprocess import decode_image, load_image
+from mrkd.triton.launcher import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = REPO_ROOT / "loadtest" / "images"
@@ -369,7 +369,7 @@ def copy_cells(folder: Path, paths: list[Path]) -> Path:
 
 @pytest.fixture(scope="module")
 def detector(served_model):
-    from mrkd.detector import Detector
+    from mrkd.runtime.detector import Detector
 
     return Detector.load(served_model.checkpoint)
 
@@ -482,7 +482,7 @@ def test_failover_between_two_real_servers_loses_no_frame(served_model, tmp_path
     """Server B stops being ready (its ensemble unloaded), comes back (reloaded), then is shut down mid-run; the
     pool avoids it, re-admits it, and every frame of both cameras is answered exactly once."""
     from client.runner import MultiCameraRunner, RunOptions
-    from mrkd.serve import TritonServer
+    from mrkd.triton.launcher import TritonServer
 
     cells = elpv_images()
     release = threading.Event()

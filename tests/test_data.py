@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mrkd import data as data_module
+from mrkd.data import textures as data_module
 from mrkd.data import (
     TEXTURE_DEFECT_KINDS,
     DatasetLayoutError,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrkd.masking import (
+from mrkd.model.masking import (
     DEFAULT_ILM,
     ILM_SETTINGS,
     ILMConfig,

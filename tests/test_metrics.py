@@ -8,7 +8,7 @@ from scipy import ndimage
 from skimage import measure
 from sklearn.metrics import auc, roc_auc_score
 
-from mrkd.metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
+from mrkd.runtime.metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 
 
 # ---------------------------------------------------------------- AUROC

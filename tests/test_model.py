@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mrkd.backbones import MissingWeightsError, available_backbones, create_backbone, imagenet_classifier
-from mrkd.config import ModelConfig
+from mrkd.model.backbones import available_backbones
+from mrkd.runtime.weights import MissingWeightsError, imagenet_classifier, load_backbone
+from mrkd.core.config import ModelConfig
 from mrkd.data import open_dataset
-from mrkd.loss import cosine_distillation_loss
-from mrkd.preprocess import normalize, prepare_batch
-from mrkd.torch_model import MRKDModel
+from mrkd.model.loss import cosine_distillation_loss
+from mrkd.core.preprocess import normalize, prepare_batch
+from mrkd.model.network import MRKDModel
 
 EXPECTED_CHANNELS = {
     "wide_resnet50_2": (256, 512, 1024),
@@ -36,12 +37,12 @@ def _seed():
 def test_registry_lists_the_four_backbones():
     assert available_backbones() == sorted(EXPECTED_CHANNELS)
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'.*mobilenet_v2"):
-        create_backbone("resnet9000")
+        load_backbone("resnet9000")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CHANNELS))
 def test_model_shapes_frozen_teacher_and_student_match(name):
-    model = MRKDModel(name, pretrained=name in WITH_SHIPPED_WEIGHTS)
+    model = MRKDModel(name, teacher=load_backbone(name, pretrained=name in WITH_SHIPPED_WEIGHTS))
     assert model.channels == EXPECTED_CHANNELS[name]
     model.train()
     assert not model.teacher.training and all(not m.training for m in model.teacher.modules())
@@ -62,7 +63,7 @@ def test_model_shapes_frozen_teacher_and_student_match(name):
 
 
 def test_wide_resnet50_2_bottleneck_has_the_papers_shapes():
-    model = MRKDModel("wide_resnet50_2", pretrained=False)
+    model = MRKDModel("wide_resnet50_2")
     feats = [torch.zeros(1, 256, 64, 64), torch.zeros(1, 512, 32, 32), torch.zeros(1, 1024, 16, 16)]
     assert tuple(model.bottleneck(feats).shape) == (1, 2048, 8, 8)
     assert [len(stage) for stage in model.student.stages] == [3, 4, 6]
@@ -70,9 +71,9 @@ def test_wide_resnet50_2_bottleneck_has_the_papers_shapes():
 
 
 def test_flm_structure_and_rd4ad_mode():
-    rd4ad = MRKDModel("mobilenet_v2", pretrained=False, flm=False)
+    rd4ad = MRKDModel("mobilenet_v2", flm=False)
     assert rd4ad.generation is None
-    mrkd = MRKDModel("mobilenet_v2", pretrained=False, flm=True)
+    mrkd = MRKDModel("mobilenet_v2", flm=True)
     assert [block[0].in_channels for block in mrkd.generation] == [24, 32, 96]
     assert all(block[0].bias is not None and block[2].out_channels == block[0].in_channels
                for block in mrkd.generation)
@@ -94,7 +95,7 @@ def capture_generation_inputs(model: MRKDModel) -> tuple[list[torch.Tensor], lis
 
 
 def test_training_mask_is_a_side_branch_shared_by_channels():
-    model = MRKDModel("mobilenet_v2", pretrained=False, flm=True, flm_ratio=0.2).train()
+    model = MRKDModel("mobilenet_v2", flm=True, flm_ratio=0.2).train()
     x = torch.randn(3, 3, 128, 128)
     captured, hooks = capture_generation_inputs(model)
     decoder_outputs: list[list[torch.Tensor]] = []
@@ -122,7 +123,7 @@ def test_training_mask_is_a_side_branch_shared_by_channels():
 
 def test_eval_is_deterministic_unless_inference_mask():
     x = torch.randn(2, 3, 64, 64)
-    model = MRKDModel("mobilenet_v2", pretrained=False).eval()
+    model = MRKDModel("mobilenet_v2").eval()
     with torch.no_grad():
         first, second = model(x)[1], model(x)[1]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
@@ -134,7 +135,7 @@ def test_eval_is_deterministic_unless_inference_mask():
 
 def test_from_config_and_target_batch():
     cfg = ModelConfig(backbone="mobilenet_v2", flm=False, flm_ratio=0.3)
-    model = MRKDModel.from_config(cfg, pretrained=False).eval()
+    model = MRKDModel.from_config(cfg).eval()
     assert model.generation is None and model.flm_ratio == 0.3
     clean, corrupted = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -148,7 +149,7 @@ def test_from_config_and_target_batch():
 
 
 def test_channels_last_gives_the_same_features():
-    model = MRKDModel("efficientnet_lite0", pretrained=False).eval()
+    model = MRKDModel("efficientnet_lite0").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         reference = model(x)
@@ -179,14 +180,14 @@ def test_missing_torchvision_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     with pytest.raises(MissingWeightsError) as info:
-        MRKDModel("wide_resnet50_2", pretrained=True)
+        MRKDModel("wide_resnet50_2", teacher=load_backbone("wide_resnet50_2"))
     message = str(info.value)
     assert "wide_resnet50_2-95faca4d.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
     assert "--weights" in message
     with pytest.raises(MissingWeightsError, match="nowhere.pth"):
-        create_backbone("resnet18", weights=tmp_path / "nowhere.pth")
+        load_backbone("resnet18", weights=tmp_path / "nowhere.pth")
     with pytest.raises(FileNotFoundError):  # MissingWeightsError is a FileNotFoundError
-        create_backbone("wide_resnet50_2")
+        load_backbone("wide_resnet50_2")
 
 
 def test_torchvision_weights_come_from_the_hub_cache_or_a_path(tmp_path, monkeypatch):
@@ -198,14 +199,14 @@ def test_torchvision_weights_come_from_the_hub_cache_or_a_path(tmp_path, monkeyp
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = source.layer3(source.layer2(source.layer1(source.maxpool(source.relu(source.bn1(source.conv1(x)))))))
-        from_cache = create_backbone("resnet18")(x)[2]
+        from_cache = load_backbone("resnet18")(x)[2]
         torch.save(source.state_dict(), tmp_path / "mine.pth")
-        from_path = create_backbone("resnet18", weights=tmp_path / "mine.pth")(x)[2]
+        from_path = load_backbone("resnet18", weights=tmp_path / "mine.pth")(x)[2]
     torch.testing.assert_close(from_cache, expected)
     torch.testing.assert_close(from_path, expected)
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken.pth"):
-        create_backbone("resnet18", weights=tmp_path / "broken.pth")
+        load_backbone("resnet18", weights=tmp_path / "broken.pth")
 
 
 def test_efficientnet_lite0_weights_classify_real_photos():
@@ -216,7 +217,7 @@ def test_efficientnet_lite0_weights_classify_real_photos():
     assert 281 <= top1[0] <= 285  # tabby / tiger cat / Persian / Siamese / Egyptian cat
     assert top1[1] in (504, 967, 968)  # coffee mug / espresso / cup
     # the backbone carries exactly these weights
-    backbone = create_backbone("efficientnet_lite0")
+    backbone = load_backbone("efficientnet_lite0")
     with torch.no_grad():
         blocks = classifier.block_outputs(x)
         feats = backbone(x)
@@ -251,7 +252,7 @@ def test_shipped_weights_are_imagenet_features(name):
         s = int(min(image.shape[:2]) * 0.8)
         images += [image[:s, :s], image[-s:, -s:]]  # two overlapping crops of each photo
     x = normalize(prepare_batch(images, 128))
-    backbone = create_backbone(name)
+    backbone = load_backbone(name)
     assert np.median(bn_input_mean_correlations(backbone, x)) > 0.9
     with torch.no_grad():
         pooled = F.normalize(backbone(x)[2].mean((2, 3)), dim=1)
@@ -301,7 +302,7 @@ def test_loss_falls_when_training_on_real_solar_cells(one_thread):
     splits = open_dataset("elpv:mono")
     images = [record.load_image() for record in splits.train[:6]]
     x = normalize(prepare_batch(images, 64))
-    model = MRKDModel("mobilenet_v2", pretrained=True).train()
+    model = MRKDModel("mobilenet_v2", teacher=load_backbone("mobilenet_v2")).train()
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=0.005, betas=(0.5, 0.999))
     losses = []
     for _ in range(20):

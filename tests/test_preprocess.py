@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from mrkd.config import IMAGENET_MEAN, IMAGENET_STD
-from mrkd.preprocess import InvalidImageError, decode_image, load_image, normalize, prepare_batch, prepare_image, to_rgb
+from mrkd.core.config import IMAGENET_MEAN, IMAGENET_STD
+from mrkd.core.preprocess import InvalidImageError, decode_image, load_image, normalize, prepare_batch, prepare_image, to_rgb
 
 
 def encode(image: np.ndarray, fmt: str, **kw) -> bytes:

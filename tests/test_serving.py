@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mrkd.calibration import Calibration
-from mrkd.config import ModelConfig
-from mrkd.detector import Detector, Prediction
-from mrkd.export import ExportError, ExportOptions, export, existing_versions, model_names, render_configs
-from mrkd.preprocess import decode_image, prepare_image
-from mrkd.serve import ServerError, TritonServer, check_repository
-from mrkd.serving import decode_map, encode_map, resize_maps, split_counts, torch_threads_for
+from mrkd.runtime.calibration import Calibration
+from mrkd.core.config import ModelConfig
+from mrkd.runtime.detector import Detector, Prediction
+from mrkd.triton.repository import ExportError, ExportOptions, export, existing_versions, model_names, render_configs
+from mrkd.core.preprocess import decode_image, prepare_image
+from mrkd.triton.launcher import ServerError, TritonServer, check_repository
+from mrkd.triton.models import decode_map, encode_map, resize_maps, split_counts, torch_threads_for
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -175,7 +175,7 @@ def test_export_writes_numbered_versions_and_refuses_bad_input(tiny_checkpoint, 
     assert existing_versions(repo, "cells") == [1, 2]
     assert (repo / "cells_detector" / "2" / "checkpoint.pt").read_bytes() == tiny_checkpoint.read_bytes()
     assert not list(repo.glob("*/.*.tmp")), "temporary version folders left behind"
-    assert "from mrkd.serving import DetectorModel as TritonPythonModel" in (
+    assert "from mrkd.triton.models import DetectorModel as TritonPythonModel" in (
         repo / "cells_detector" / "2" / "model.py").read_text()
     assert check_repository(repo) == sorted(model_names("cells").values())
     with pytest.raises(ExportError, match="version 2 of product 'cells' already exists"):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from mrkd import Detector
-from mrkd.checkpoint import load_checkpoint
-from mrkd.config import TrainConfig
+from mrkd.runtime.checkpoint import load_checkpoint
+from mrkd.core.config import TrainConfig
 from mrkd.data import open_dataset
 from mrkd.train import main as train_main
-from mrkd.train import train
+from mrkd.runtime.training import train
 
 TINY = dict(data="textures:brick", image_size=64, batch_size=4, max_train_images=8, save_every=0, seed=5)
 
@@ -126,7 +126,7 @@ def test_two_process_ddp_training_with_gloo(tmp_path):
     import subprocess
     import sys
 
-    from mrkd.serve import free_port
+    from mrkd.triton.launcher import free_port
 
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,8 +7,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .io_utils import atomic_path
-from .preprocess import to_rgb
+from ..core.files import atomic_path
+from ..core.preprocess import to_rgb
 
 
 def colorize(normalized_map: np.ndarray) -> np.ndarray:

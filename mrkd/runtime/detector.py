@@ -15,10 +15,10 @@ import torch
 
 from .calibration import Calibration
 from .checkpoint import load_checkpoint
-from .config import ModelConfig
-from .ops import anomaly_map
-from .preprocess import normalize, prepare_batch
-from .torch_model import MRKDModel
+from ..core.config import ModelConfig
+from ..ops import anomaly_map
+from ..core.preprocess import normalize, prepare_batch
+from ..model.network import MRKDModel
 
 
 @dataclass
@@ -57,9 +57,9 @@ class Detector:
 
     @classmethod
     def from_payload(cls, data: dict, device: str | torch.device = "cpu", batch_size: int = 16) -> "Detector":
-        """From an already loaded checkpoint (see mrkd.checkpoint.load_checkpoint)."""
+        """From an already loaded checkpoint (see mrkd.runtime.checkpoint.load_checkpoint)."""
         config = ModelConfig.from_dict(data["model_config"])
-        model = MRKDModel.from_config(config, pretrained=False)
+        model = MRKDModel.from_config(config)
         model.load_state_dict(data["state_dict"])
         return cls(model, config, Calibration.from_dict(data["calibration"]), device, batch_size)
 

@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .calibration import Calibration
-from .preprocess import InvalidImageError, decode_image, prepare_image
+from ..runtime.calibration import Calibration
+from ..core.preprocess import InvalidImageError, decode_image, prepare_image
 
-log = logging.getLogger("mrkd.serving")
+log = logging.getLogger("mrkd.triton.models")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CALIBRATION_FILE = "calibration.json"
@@ -266,7 +266,7 @@ class DetectorModel(_PythonModel):
     input_name = "PREPARED"
 
     def _setup(self) -> None:
-        from .detector import Detector
+        from ..runtime.detector import Detector
 
         checkpoint = self.ctx.version_dir / CHECKPOINT_FILE
         if not checkpoint.is_file():

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .backbones import Backbone, WeightsPath, create_backbone
-from .config import ModelConfig
+from ..core.config import ModelConfig
+from .backbones import Backbone, create_backbone
 from .masking import flm_mask
 
 __all__ = ["MRKDModel", "STUDENT_SPECS", "StudentSpec"]
@@ -182,13 +182,15 @@ def _init_rd4ad(module: nn.Module) -> None:
 
 
 class MRKDModel(nn.Module):
-    def __init__(self, backbone: str, pretrained: bool = True, weights: WeightsPath = None, flm: bool = True,
-                 flm_ratio: float = 0.2, inference_mask: bool = False) -> None:
+    def __init__(self, backbone: str, flm: bool = True, flm_ratio: float = 0.2, inference_mask: bool = False,
+                 teacher: Backbone | None = None) -> None:
+        """`teacher`: the built backbone `backbone` names (mrkd.runtime.weights.load_backbone gives the pretrained
+        one); None builds it with random weights (a checkpoint's state dict then fills it)."""
         super().__init__()
         if not 0.0 <= flm_ratio < 1.0:
             raise ValueError(f"flm_ratio must lie in [0, 1), got {flm_ratio}")
         self.backbone_name = backbone
-        self.teacher: Backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.teacher: Backbone = teacher if teacher is not None else create_backbone(backbone)
         channels = self.teacher.channels
         spec = STUDENT_SPECS.get(backbone, _DEFAULT_SPEC)
         self.bottleneck = OneClassBottleneck(channels, spec)
@@ -201,9 +203,9 @@ class MRKDModel(nn.Module):
         self.generation = nn.ModuleList(_generation_block(c) for c in channels) if flm else None
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, pretrained: bool = True, weights: WeightsPath = None) -> "MRKDModel":
-        return cls(cfg.backbone, pretrained=pretrained, weights=weights, flm=cfg.flm, flm_ratio=cfg.flm_ratio,
-                   inference_mask=cfg.inference_mask)
+    def from_config(cls, cfg: ModelConfig, teacher: Backbone | None = None) -> "MRKDModel":
+        return cls(cfg.backbone, flm=cfg.flm, flm_ratio=cfg.flm_ratio, inference_mask=cfg.inference_mask,
+                   teacher=teacher)
 
     @property
     def channels(self) -> tuple[int, int, int]:

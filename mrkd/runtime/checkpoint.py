@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .io_utils import atomic_path
+from ..core.config import MRKD_VERSION
+from ..core.files import atomic_path
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1
@@ -22,9 +23,7 @@ class CheckpointError(ValueError):
 def versions() -> dict[str, str]:
     import torchvision
 
-    from . import __version__
-
-    return {"mrkd": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+    return {"mrkd": MRKD_VERSION, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version()}
 
 

@@ -1,0 +1,320 @@
+"""The tritonserver process: find the binary, prepare the python-backend stub, start, wait ready, stop.
+
+Uses `tritonserver` from PATH (the NGC container) or else the one inside the `nvidia-pytriton` wheel, for which it
+prepares a private copy of the backends folder holding the python-backend stub built for this Python.
+`TritonServer` is a context manager (what `python -m mrkd.serve`, the demo, tests and benchmarks use).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from .models import CHECKPOINT_FILE
+
+STUB_NAME = "triton_python_backend_stub"
+LOG_TAIL_LINES = 40
+
+
+class ServerError(RuntimeError):
+    """The server could not start, a model failed to load, or the server died."""
+
+
+# ---------------------------------------------------------------------------------------------------------- install
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backends: Path | None  # backends folder to copy and complete (wheel); None = the server's default (container)
+    stub: Path | None  # python-backend stub for this Python (wheel only)
+    lib_dir: Path | None  # shared libraries the wheel's binary needs
+
+
+def find_triton() -> TritonInstall:
+    """`tritonserver` on PATH (NGC container) first, else the one in the nvidia-pytriton wheel."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(binary=Path(on_path), backends=None, stub=None, lib_dir=None)
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise ServerError(
+            "no tritonserver: none on PATH and the nvidia-pytriton wheel is not installed "
+            "(pip install nvidia-pytriton==0.7.0, or run inside nvcr.io/nvidia/tritonserver:<yy.mm>-pyt-python-py3)"
+        ) from exc
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / STUB_NAME
+    binary = root / "bin" / "tritonserver"
+    if not stub.is_file():
+        raise ServerError(f"the nvidia-pytriton wheel has no python-backend stub for Python {version} ({stub})")
+    if not binary.is_file():
+        raise ServerError(f"the nvidia-pytriton wheel lacks its server binary ({binary})")
+    return TritonInstall(binary=binary, backends=root / "backends", stub=stub,
+                         lib_dir=root.parent.parent / "nvidia_pytriton.libs")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------- repository
+
+
+def _config_field(text: str, key: str) -> str | None:
+    match = re.search(rf'^\s*{key}\s*:\s*"([^"]*)"', text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def check_repository(repo: str | Path) -> list[str]:
+    """Model names of `repo`; raises ServerError naming what is missing (e.g. a repository never exported)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise ServerError(f"model repository not found: {repo}")
+    models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    if not models:
+        raise ServerError(f"{repo} holds no models (no */config.pbtxt)")
+    problems = []
+    for model in models:
+        folder = repo / model
+        text = (folder / "config.pbtxt").read_text()
+        versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        latest = versions[-1] if versions else None
+        if latest is None:
+            problems.append(f"{model}: no version folder")
+        elif _config_field(text, "backend") == "python" and not (latest / "model.py").is_file():
+            problems.append(f"{model}: no model.py in version {latest.name}")
+        elif 'string_value: "detector"' in text and not (latest / CHECKPOINT_FILE).is_file():
+            problems.append(f"{model}: no {CHECKPOINT_FILE} in version {latest.name}")
+    if problems:
+        raise ServerError(
+            f"model repository {repo} is not ready to serve ({'; '.join(problems)}). It has not been exported yet: "
+            f"python -m mrkd.export --checkpoint CKPT --repo {repo}"
+        )
+    return models
+
+
+# ---------------------------------------------------------------------------------------------------------- server
+
+
+def log_excerpt(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The server's error lines (glog 'E' lines) and its last lines, for error messages."""
+    try:
+        text = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no server log at {log_file})"
+    errors = [line for line in text if re.match(r"^E\d{4} ", line) or "Traceback" in line or "Error" in line]
+    tail = text[-lines:]
+    parts = []
+    if errors:
+        parts.append("server errors:\n  " + "\n  ".join(errors[-lines:]))
+    parts.append(f"last lines of {log_file}:\n  " + "\n  ".join(tail))
+    return "\n".join(parts)
+
+
+class TritonServer:
+    """A tritonserver process on a model repository (loopback by default).
+
+    with TritonServer("model_repository", grpc_port=0) as server:   # starts, waits until every model is ready
+        client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+    """
+
+    def __init__(
+        self,
+        repo: str | Path,
+        grpc_port: int = 8001,
+        http_port: int = 8000,
+        metrics_port: int = 8002,
+        host: str = "127.0.0.1",
+        log_file: str | Path | None = None,
+        startup_timeout: float = 300.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.repo_arg = Path(repo)  # as given, for messages
+        self.repo = self.repo_arg.resolve()
+        self.host = host
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.log_file = Path(log_file) if log_file else None
+        self.startup_timeout = startup_timeout
+        self.extra_args = extra_args
+        self.models: list[str] = []
+        self._process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+        self._log_handle = None
+
+    # ports and addresses
+    @property
+    def grpc_port(self) -> int:
+        return self.ports["grpc"]
+
+    @property
+    def http_port(self) -> int:
+        return self.ports["http"]
+
+    @property
+    def metrics_port(self) -> int:
+        return self.ports["metrics"]
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._client_host}:{self.http_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise ServerError("server already started")
+        self.models = check_repository(self.repo_arg)
+        install = find_triton()
+        self.ports = {k: (free_port(self.host) if v == 0 else v) for k, v in self.ports.items()}
+        self._workdir = Path(tempfile.mkdtemp(prefix="mrkd-triton-"))
+        if self.log_file is None:
+            self.log_file = self._workdir / "tritonserver.log"
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(install.binary), f"--model-repository={self.repo}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0", *self.extra_args,
+        ]
+        if install.backends is not None:
+            command.append(f"--backend-directory={self._prepare_backends(install)}")
+        self._log_handle = self.log_file.open("wb")
+        self._process = subprocess.Popen(
+            command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self._environment(install), start_new_session=True,  # our signal handling decides when it stops
+        )
+
+    def _prepare_backends(self, install: TritonInstall) -> Path:
+        """A writable copy of the wheel's backends with the stub for this Python in the python backend folder."""
+        assert self._workdir is not None and install.backends is not None and install.stub is not None
+        backends = self._workdir / "backends"
+        shutil.copytree(install.backends, backends, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(install.stub, backends / "python" / STUB_NAME)
+        return backends
+
+    def _environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        # The python-backend stub runs the `python` it finds first on PATH: make that this interpreter's env.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if install.lib_dir is not None:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.lib_dir),
+                                                                   env.get("LD_LIBRARY_PATH")]))
+        # The model.py files import mrkd: make this checkout importable even when it is not pip-installed.
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        return env
+
+    def _http(self, method: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"{self.http_url}{path}", method=method,
+                                         data=b"{}" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def model_states(self) -> list[dict]:
+        """The repository index: [{name, version, state, reason}]."""
+        status, body = self._http("POST", "/v2/repository/index")
+        if status != 200:
+            raise ServerError(f"repository index failed: HTTP {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def _failure(self, what: str) -> ServerError:
+        excerpt = log_excerpt(self.log_file) if self.log_file else ""
+        return ServerError(f"{what}\n{excerpt}")
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Blocks until the server and every model are ready; raises ServerError (with the log) otherwise."""
+        if self._process is None:
+            raise ServerError("server not started")
+        deadline = time.monotonic() + (timeout if timeout is not None else self.startup_timeout)
+        while time.monotonic() < deadline:
+            code = self._process.poll()
+            if code is not None:
+                raise self._failure(f"tritonserver exited with code {code} while loading {self.repo}")
+            try:
+                status, _ = self._http("GET", "/v2/health/ready", timeout=1.0)
+                if status == 200:
+                    states = self.model_states()
+                    failed = [s for s in states if s.get("state") == "UNAVAILABLE"]
+                    if failed:
+                        reasons = "; ".join(f"{s['name']}: {s.get('reason', '')}" for s in failed)
+                        raise self._failure(f"models failed to load: {reasons}")
+                    if states and all(s.get("state") == "READY" for s in states):
+                        return
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError):
+                pass
+            time.sleep(0.25)
+        raise self._failure(f"tritonserver not ready after {timeout or self.startup_timeout:.0f} s")
+
+    def wait(self) -> int:
+        """Blocks while the server runs; raises ServerError if it exits on its own."""
+        if self._process is None:
+            raise ServerError("server not started")
+        code = self._process.wait()
+        raise self._failure(f"tritonserver exited unexpectedly with code {code}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after `timeout`."""
+        code = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.send_signal(signal.SIGTERM)
+                try:
+                    self._process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            code = self._process.returncode
+            self._process = None
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._workdir is not None:
+            keep_log = self.log_file is not None and self.log_file.parent == self._workdir and code not in (0, None)
+            if keep_log:
+                shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            else:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

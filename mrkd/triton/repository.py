@@ -1,0 +1,291 @@
+"""A trained checkpoint -> a new version of a product's models in a Triton model repository (mrkd.export's work).
+
+Naming: product NAME (default "mrkd") owns six models in the repository:
+  NAME                    ensemble, input IMAGE (encoded JPEG/PNG/BMP bytes, TYPE_STRING [1])
+  NAME_raw                ensemble, input FRAME (decoded UINT8 [H, W, 3] frames)
+  NAME_preprocess         python: decode + grayscale->3ch + resize -> PREPARED uint8 [3, S, S]
+  NAME_frame_preprocess   python: the same for decoded frames
+  NAME_detector           python: teacher + bottleneck + student + fused anomaly map (dynamic batching)
+  NAME_postprocess        python: calibration -> SCORE, IS_ANOMALOUS, ANOMALY_MAP
+Both ensembles answer SCORE (FP32 [1]), RAW_SCORE (FP32 [1]), IS_ANOMALOUS (BOOL [1]) and ANOMALY_MAP ([M, M],
+FP16 or UINT8 with 255 = 1.0). Every model of a product gets the same version number; the version folder of
+NAME_detector holds the checkpoint, that of NAME_postprocess its calibration. model.py files are one-line imports of
+mrkd.triton.models, so the code lives once, in the package. Each version folder is written under a temporary name and
+renamed into place, so a running server never sees half an export.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..core.config import ModelConfig
+from ..core.files import atomic_path
+from ..runtime.calibration import Calibration
+from ..runtime.checkpoint import CheckpointError, load_checkpoint
+from .models import CALIBRATION_FILE, CHECKPOINT_FILE, MAP_DTYPES
+
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+DEFAULT_NAME = "mrkd"
+ROLES = ("ensemble", "raw_ensemble", "preprocess", "frame_preprocess", "detector", "postprocess")
+ROLE_SUFFIX = {
+    "ensemble": "",
+    "raw_ensemble": "_raw",
+    "preprocess": "_preprocess",
+    "frame_preprocess": "_frame_preprocess",
+    "detector": "_detector",
+    "postprocess": "_postprocess",
+}
+MODEL_CLASSES = {
+    "preprocess": "PreprocessModel",
+    "frame_preprocess": "FramePreprocessModel",
+    "detector": "DetectorModel",
+    "postprocess": "PostprocessModel",
+}
+TRITON_MAP_TYPES = {"fp16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
+
+
+class ExportError(ValueError):
+    """Export options or a repository state that cannot produce a servable version."""
+
+
+@dataclass
+class ExportOptions:
+    name: str = DEFAULT_NAME
+    device: str = "cpu"  # where the detector runs: "cpu" (KIND_CPU) or "gpu" (KIND_GPU)
+    max_batch_size: int = 32
+    map_size: int = 64
+    map_dtype: str = "fp16"
+    instances: int = 1  # detector instances (per GPU on a GPU host)
+    torch_threads: int = 0  # per detector instance on CPU; 0 = the host's cores / instances, decided at load
+    preprocess_instances: int = 1
+    max_queue_delay_us: int = 2000
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    warmup_batch_sizes: list[int] = field(default_factory=lambda: [1])
+
+    def validate(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise ExportError(f"--name must match {NAME_PATTERN.pattern} (letters, digits, _ and -), got {self.name!r}")
+        if self.device not in ("cpu", "gpu"):
+            raise ExportError(f"--device must be cpu or gpu, got {self.device!r}")
+        if self.map_dtype not in MAP_DTYPES:
+            raise ExportError(f"--map-dtype must be one of {sorted(MAP_DTYPES)}, got {self.map_dtype!r}")
+        for label, value in (("--max-batch-size", self.max_batch_size), ("--map-size", self.map_size),
+                             ("--instances", self.instances), ("--preprocess-instances", self.preprocess_instances)):
+            if value < 1:
+                raise ExportError(f"{label} must be at least 1, got {value}")
+        if self.torch_threads < 0 or self.max_queue_delay_us < 0:
+            raise ExportError("--torch-threads and --max-queue-delay-us must not be negative")
+        too_big = [b for b in self.preferred_batch_sizes + self.warmup_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if too_big:
+            raise ExportError(f"batch sizes {too_big} are outside 1..--max-batch-size ({self.max_batch_size})")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    repo: Path
+    version: int
+    models: dict[str, str]  # role -> model name
+
+
+def model_names(name: str) -> dict[str, str]:
+    """Product name -> {role: Triton model name}."""
+    return {role: f"{name}{ROLE_SUFFIX[role]}" for role in ROLES}
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+
+
+def _parameters(values: dict[str, object]) -> str:
+    return "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in values.items())
+
+
+def _dynamic_batching(opts: ExportOptions) -> str:
+    preferred = f"preferred_batch_size: [ {', '.join(map(str, opts.preferred_batch_sizes))} ] " if (
+        opts.preferred_batch_sizes) else ""
+    return f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {opts.max_queue_delay_us} }}"
+
+
+def _python_model(name: str, role: str, opts: ExportOptions, inputs: str, outputs: str, instances: str,
+                  params: dict[str, object], batching: str) -> str:
+    header = (f"# Generated by `python -m mrkd.export` ({role} of product \"{opts.name}\"); code: "
+              f"mrkd.triton.models.{MODEL_CLASSES[role]}.")
+    return "\n".join([header, f'name: "{name}"', 'backend: "python"', f"max_batch_size: {opts.max_batch_size}",
+                      inputs, outputs, instances, batching, _parameters({"mrkd_role": role, **params})]) + "\n"
+
+
+def _ensemble(name: str, input_line: str, pre_name: str, names: dict[str, str], opts: ExportOptions,
+              input_name: str) -> str:
+    s = opts.map_size
+    map_type = TRITON_MAP_TYPES[opts.map_dtype]
+    return f"""# Generated by `python -m mrkd.export` (ensemble of product "{opts.name}").
+name: "{name}"
+platform: "ensemble"
+max_batch_size: {opts.max_batch_size}
+input [ {input_line} ]
+output [
+  {{ name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "RAW_SCORE" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "IS_ANOMALOUS" data_type: TYPE_BOOL dims: [ 1 ] }},
+  {{ name: "ANOMALY_MAP" data_type: {map_type} dims: [ {s}, {s} ] }}
+]
+ensemble_scheduling {{
+  step [
+    {{
+      model_name: "{pre_name}"
+      model_version: -1
+      input_map {{ key: "{input_name}" value: "{input_name}" }}
+      output_map {{ key: "PREPARED" value: "prepared" }}
+    }},
+    {{
+      model_name: "{names['detector']}"
+      model_version: -1
+      input_map {{ key: "PREPARED" value: "prepared" }}
+      output_map {{ key: "RAW_SCORE" value: "RAW_SCORE" }}
+      output_map {{ key: "RAW_MAP" value: "raw_map" }}
+    }},
+    {{
+      model_name: "{names['postprocess']}"
+      model_version: -1
+      input_map {{ key: "RAW_SCORE" value: "RAW_SCORE" }}
+      input_map {{ key: "RAW_MAP" value: "raw_map" }}
+      output_map {{ key: "SCORE" value: "SCORE" }}
+      output_map {{ key: "IS_ANOMALOUS" value: "IS_ANOMALOUS" }}
+      output_map {{ key: "ANOMALY_MAP" value: "ANOMALY_MAP" }}
+    }}
+  ]
+}}
+"""
+
+
+def render_configs(image_size: int, opts: ExportOptions) -> dict[str, str]:
+    """{model name: config.pbtxt text} for every model of the product."""
+    opts.validate()
+    names = model_names(opts.name)
+    s, m = image_size, opts.map_size
+    prepared_out = f'output [ {{ name: "PREPARED" data_type: TYPE_UINT8 dims: [ 3, {s}, {s} ] }} ]'
+    cpu_one = "instance_group [ { count: %d kind: KIND_CPU } ]"
+    kind = "KIND_GPU" if opts.device == "gpu" else "KIND_CPU"
+    batching = _dynamic_batching(opts)
+    image_in = '{ name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] }'
+    frame_in = '{ name: "FRAME" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }'
+    return {
+        names["ensemble"]: _ensemble(names["ensemble"], image_in, names["preprocess"], names, opts, "IMAGE"),
+        names["raw_ensemble"]: _ensemble(names["raw_ensemble"], frame_in, names["frame_preprocess"], names, opts,
+                                         "FRAME"),
+        names["preprocess"]: _python_model(
+            names["preprocess"], "preprocess", opts, f"input [ {image_in} ]", prepared_out,
+            cpu_one % opts.preprocess_instances, {"image_size": s, "torch_threads": 1}, batching),
+        names["frame_preprocess"]: _python_model(
+            # the dynamic batcher only groups frames of equal size; others wait their turn
+            names["frame_preprocess"], "frame_preprocess", opts, f"input [ {frame_in} ]", prepared_out,
+            cpu_one % 1, {"image_size": s, "torch_threads": 1}, batching),
+        names["detector"]: _python_model(
+            names["detector"], "detector", opts,
+            f'input [ {{ name: "PREPARED" data_type: TYPE_UINT8 dims: [ 3, {s}, {s} ] }} ]',
+            "output [\n"
+            '  { name: "RAW_SCORE" data_type: TYPE_FP32 dims: [ 1 ] },\n'
+            f'  {{ name: "RAW_MAP" data_type: TYPE_FP32 dims: [ {m}, {m} ] }}\n]',
+            f"instance_group [ {{ count: {opts.instances} kind: {kind} }} ]",
+            {"image_size": s, "map_size": m, "torch_threads": opts.torch_threads,
+             "warmup_batch_sizes": ",".join(map(str, opts.warmup_batch_sizes))},
+            batching),
+        names["postprocess"]: _python_model(
+            names["postprocess"], "postprocess", opts,
+            'input [\n  { name: "RAW_SCORE" data_type: TYPE_FP32 dims: [ 1 ] },\n'
+            f'  {{ name: "RAW_MAP" data_type: TYPE_FP32 dims: [ {m}, {m} ] }}\n]',
+            "output [\n"
+            '  { name: "SCORE" data_type: TYPE_FP32 dims: [ 1 ] },\n'
+            '  { name: "IS_ANOMALOUS" data_type: TYPE_BOOL dims: [ 1 ] },\n'
+            f'  {{ name: "ANOMALY_MAP" data_type: {TRITON_MAP_TYPES[opts.map_dtype]} dims: [ {m}, {m} ] }}\n]',
+            cpu_one % 1, {"map_dtype": opts.map_dtype, "torch_threads": 1}, batching),
+    }
+
+
+def model_py_source(role: str) -> str:
+    return (
+        f"# Generated by `python -m mrkd.export`; the code lives in the mrkd package (mrkd/triton/models.py).\n"
+        f"from mrkd.triton.models import {MODEL_CLASSES[role]} as TritonPythonModel  # noqa: F401\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- versions
+
+
+def existing_versions(repo: Path, name: str) -> list[int]:
+    """Version numbers present in any model of the product."""
+    found: set[int] = set()
+    for model in model_names(name).values():
+        folder = repo / model
+        if folder.is_dir():
+            found.update(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(found)
+
+
+def write_configs(repo: Path, image_size: int, opts: ExportOptions) -> dict[str, str]:
+    """Writes (atomically) every config.pbtxt of the product; returns {role: model name}."""
+    for model, text in render_configs(image_size, opts).items():
+        with atomic_path(repo / model / "config.pbtxt") as tmp:
+            tmp.write_text(text)
+    return model_names(opts.name)
+
+
+def _write_version(model_dir: Path, version: int, files: dict[str, str | Path]) -> None:
+    """Fills a temporary folder (text, or a file to copy), then renames it to the version number."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".tmp", dir=model_dir))
+    try:
+        for filename, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / filename)
+            else:
+                (tmp / filename).write_text(content)
+        tmp.chmod(0o755)
+        tmp.rename(model_dir / str(version))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def export(checkpoint: str | Path, repo: str | Path, opts: ExportOptions, version: int | None = None) -> ExportResult:
+    """Copies the checkpoint and generated configs into `repo` as a new version of product `opts.name`."""
+    opts.validate()
+    repo = Path(repo)
+    try:
+        data = load_checkpoint(checkpoint)  # the same checks the server will make, before anything is written
+    except CheckpointError as exc:
+        raise ExportError(f"cannot export: {exc}") from exc
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / CHECKPOINT_FILE
+    model_config = ModelConfig.from_dict(data["model_config"])
+    calibration = Calibration.from_dict(data["calibration"])
+    present = existing_versions(repo, opts.name)
+    if version is None:
+        version = (max(present) + 1) if present else 1
+    elif version < 1:
+        raise ExportError(f"--version must be at least 1, got {version}")
+    elif version in present:
+        raise ExportError(f"version {version} of product {opts.name!r} already exists in {repo}; pick another --version")
+    names = model_names(opts.name)
+    export_info = json.dumps({
+        "source_checkpoint": str(checkpoint), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_config": model_config.to_dict(), "calibration": calibration.to_dict(), "options": asdict(opts),
+    }, indent=2, sort_keys=True) + "\n"
+    contents: dict[str, dict[str, str | Path]] = {
+        "ensemble": {},
+        "raw_ensemble": {},
+        "preprocess": {"model.py": model_py_source("preprocess")},
+        "frame_preprocess": {"model.py": model_py_source("frame_preprocess")},
+        "detector": {"model.py": model_py_source("detector"), CHECKPOINT_FILE: checkpoint, "export.json": export_info},
+        "postprocess": {"model.py": model_py_source("postprocess"),
+                        CALIBRATION_FILE: json.dumps(calibration.to_dict(), indent=2) + "\n"},
+    }
+    for role, files in contents.items():
+        _write_version(repo / names[role], version, files)
+    write_configs(repo, model_config.image_size, opts)
+    return ExportResult(repo=repo, version=version, models=names)
