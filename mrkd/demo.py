@@ -6,7 +6,7 @@ cameras, prints metrics, per-camera verdicts and throughput, and stops the serve
 
 Examples:
   python -m mrkd.demo                        # defaults: elpv:mono, out runs/demo, 3 cameras
-  python -m mrkd.demo --cameras 4 --epochs 3
+  python -m mrkd.demo --cameras 4 --steps 300
   python -m mrkd.demo --retrain              # ignore a finished checkpoint from an earlier run
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ def reusable_checkpoint(cfg: TrainConfig) -> Path | None:
     except CheckpointError:
         return None
     same = TrainConfig.from_dict(data.get("train_config") or {}).to_dict() == cfg.to_dict()
-    return path if same and data.get("epoch") == cfg.epochs else None
+    finished = data.get("calibration") is not None  # written only by the final save
+    return path if same and finished else None
 
 
 def write_camera_folders(cfg: TrainConfig, folder: Path, cameras: int) -> dict[str, tuple[Path, dict[str, int]]]:
@@ -78,15 +79,16 @@ def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    cfg = TrainConfig(out=str(out / "model"), **({"epochs": args.epochs} if args.epochs else {}))
+    budget = {"steps": args.steps} if args.steps else {}
+    cfg = TrainConfig(out=str(out / "model"), **budget)
     start = time.perf_counter()
 
     checkpoint = None if args.retrain else reusable_checkpoint(cfg)
     if checkpoint:
         log.info("[1/5] reusing the trained model %s (--retrain to train again)", checkpoint)
     else:
-        log.info("[1/5] training MRKD (%s, %s, %d epochs, %d px) on %s", cfg.backbone,
-                 "pretrained" if cfg.pretrained else "random", cfg.epochs, cfg.image_size, cfg.data)
+        log.info("[1/5] training MRKD (%s, %s, %d steps, %d px) on %s", cfg.backbone,
+                 "pretrained" if cfg.pretrained else "random", cfg.steps, cfg.image_size, cfg.data)
         checkpoint = train(cfg)
 
     log.info("[2/5] evaluating on the held-out cells")
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
     p.add_argument("--cameras", type=int, default=3, help="how many cameras share the held-out cells (2-4)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: mrkd.train's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: mrkd.train's)")
     p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
     return run(p.parse_args(argv))
 

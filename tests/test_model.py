@@ -313,3 +313,39 @@ def test_loss_falls_when_training_on_real_solar_cells(one_thread):
         optimizer.step()
         losses.append(loss.item())
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def _relu_floor(teacher_feats: list[torch.Tensor]) -> float:
+    """The lowest loss a non-negative student can reach: 1 - cos(T, relu(T)) = 1 - |T+| / |T|, summed over scales."""
+    return float(sum((1 - f.flatten(1).clamp(min=0).norm(dim=1) / f.flatten(1).norm(dim=1)).mean()
+                     for f in teacher_feats))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CHANNELS))
+def test_student_in_rd4ad_mode_can_reproduce_the_teachers_sign_pattern(name):
+    """A short fit on one batch goes well below the loss floor that a final ReLU would impose on signed taps."""
+    teacher = load_backbone(name, pretrained=name in WITH_SHIPPED_WEIGHTS)
+    x = photos(64)[:2]
+    with torch.no_grad():
+        floor = _relu_floor(teacher(x))
+    if floor == 0.0:  # post-ReLU taps (ResNets): a non-negative student output loses nothing
+        assert not teacher.signed_taps
+        return
+    assert floor > 0.3  # MobileNetV2 / EfficientNet-Lite taps: about half of the values are negative
+    model = MRKDModel(name, flm=False, teacher=teacher).train()
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-3, betas=(0.5, 0.999))
+    for _ in range(40):
+        loss = cosine_distillation_loss(*model(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.6 * floor, f"loss {loss.item():.3f} vs ReLU floor {floor:.3f}"
+
+
+def test_generation_blocks_use_kaiming_normal_fan_out_like_the_reference():
+    model = MRKDModel("mobilenet_v2", flm=True)
+    for block in model.generation:
+        for conv in (block[0], block[2]):
+            fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            expected = (2.0 / fan_out) ** 0.5  # kaiming_normal_(mode="fan_out", nonlinearity="relu")
+            assert conv.weight.std().item() == pytest.approx(expected, rel=0.1)

@@ -7,7 +7,7 @@ import torch
 
 from mrkd import Detector
 from mrkd.runtime.checkpoint import load_checkpoint
-from mrkd.core.config import TrainConfig
+from mrkd.core.config import ModelConfig, TrainConfig
 from mrkd.data import open_dataset
 from mrkd.train import main as train_main
 from mrkd.runtime.training import train
@@ -16,7 +16,7 @@ TINY = dict(data="textures:brick", image_size=64, batch_size=4, max_train_images
 
 
 def tiny(out, **kw) -> TrainConfig:
-    return TrainConfig(out=str(out), **(TINY | {"epochs": 2} | kw))
+    return TrainConfig(out=str(out), **(TINY | {"steps": 4} | kw))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_checkpoint_holds_what_serving_needs(trained):
     assert data["model_config"]["backbone"] == "mobilenet_v2" and data["model_config"]["image_size"] == 64
     assert data["train_config"]["ilm"] and data["train_config"]["flm"] and data["train_config"]["seed"] == 5
     assert data["calibration"]["threshold"] > data["calibration"]["low"]
-    assert data["epoch"] == 2 and len(data["losses"]) == 2
+    assert data["step"] == 4 and len(data["losses"]) == 4
     assert {"torch", "mrkd", "torchvision"} <= set(data["versions"])
     assert any(k.startswith("teacher.") for k in data["state_dict"])  # serves without the original weight files
     assert (trained.parent / "loss_curve.png").stat().st_size > 0
@@ -47,17 +47,17 @@ def test_same_seed_same_losses_and_weights(trained, tmp_path):
 
 
 def test_resume_continues_exactly(trained, tmp_path):
-    train(tiny(tmp_path, epochs=1), show_progress=False)
+    train(tiny(tmp_path, steps=3), show_progress=False)  # stops mid-epoch (2 steps per epoch)
     first = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert first["epoch"] == 1
-    resumed = load_checkpoint(train(tiny(tmp_path, epochs=2, resume=True), show_progress=False))
+    assert first["step"] == 3
+    resumed = load_checkpoint(train(tiny(tmp_path, steps=4, resume=True), show_progress=False))
     straight = load_checkpoint(trained)
-    assert resumed["losses"][0] == first["losses"][0]
+    assert resumed["losses"][:3] == first["losses"]
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 
 
 def test_rd4ad_mode_has_no_generation_blocks(tmp_path):
-    data = load_checkpoint(train(tiny(tmp_path, epochs=1, ilm=False, flm=False), show_progress=False))
+    data = load_checkpoint(train(tiny(tmp_path, steps=2, ilm=False, flm=False), show_progress=False))
     assert not any(k.startswith("generation.") for k in data["state_dict"])
     assert data["model_config"]["flm"] is False
 
@@ -86,7 +86,7 @@ def test_cli_reports_a_bad_dataset_folder(tmp_path, caplog):
 def test_cli_reports_missing_weights(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         rc = train_main(["--data", "textures:brick", "--weights", str(tmp_path / "nowhere.pth"),
-                         "--image-size", "64", "--epochs", "1", "--out", str(tmp_path / "o")])
+                         "--image-size", "64", "--steps", "1", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "nowhere.pth" in caplog.text
 
@@ -98,7 +98,7 @@ def test_evaluate_writes_metrics_plots_and_worst_cases(trained, tmp_path):
 
     assert evaluate_main(["--checkpoint", str(trained), "--data", "textures:brick", "--out", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["n_normal"] == 20 and metrics["n_anomalous"] == 40 and metrics["seed"] == 5
+    assert metrics["n_normal"] == 120 and metrics["n_anomalous"] == 120 and metrics["seed"] == 5
     for key in ("image_auroc", "pixel_auroc", "aupro", "aupro_per_image"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["ms_per_image"] > 0
@@ -107,7 +107,7 @@ def test_evaluate_writes_metrics_plots_and_worst_cases(trained, tmp_path):
     assert sum(n.startswith("false_positive") for n in worst) == 4
     assert sum(n.startswith("false_negative") for n in worst) == 4
     rows = (tmp_path / "scores.csv").read_text().splitlines()
-    assert len(rows) == 61 and rows[0].startswith("name,defect,label,raw_score")
+    assert len(rows) == 241 and rows[0].startswith("name,defect,label,raw_score")
 
 
 def test_evaluate_refuses_a_truncated_checkpoint(trained, tmp_path, caplog):
@@ -133,11 +133,50 @@ def test_two_process_ddp_training_with_gloo(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()),
            "-m", "mrkd.train", "--data", "textures:brick", "--image-size", "64", "--batch-size", "4",
-           "--max-train-images", "8", "--epochs", "2", "--save-every", "0", "--out", str(out)]
+           "--max-train-images", "8", "--steps", "3", "--save-every", "0", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     data = load_checkpoint(out / "checkpoint.pt")
-    assert data["epoch"] == 2 and len(data["losses"]) == 2 and all(np.isfinite(data["losses"]))
+    assert data["step"] == 3 and len(data["losses"]) == 3 and all(np.isfinite(data["losses"]))
     assert data["calibration"]["threshold"] > data["calibration"]["low"]
     assert not any(k.startswith("module.") for k in data["state_dict"])  # saved unwrapped, loads in Detector
     assert len(Detector.load(out / "checkpoint.pt").predict([np.zeros((64, 64), np.uint8)])) == 1
+
+
+def test_budget_is_optimizer_steps_whatever_the_data_size():
+    small, large = TrainConfig(steps=300, batch_size=16), TrainConfig(steps=300, batch_size=16)
+    assert small.total_steps(40) == large.total_steps(4000) == 300
+    assert TrainConfig(epochs=3, batch_size=16).total_steps(40) == 3 * 2  # epochs: passes over the data
+    assert TrainConfig(epochs=1, batch_size=16).total_steps(8) == 1  # a set smaller than a batch: one step
+
+
+def test_batchnorm_statistics_are_those_of_the_trained_network(tmp_path):
+    """After only 2 steps an exponential running mean would still be 81% its initial zeros; the statistics used at
+    test time must be the training images' own."""
+    cfg = tiny(tmp_path, steps=2, max_train_images=8, batch_size=4)
+    data = load_checkpoint(train(cfg, show_progress=False))
+    from mrkd.model.network import MRKDModel
+    from mrkd.core.preprocess import normalize, prepare_batch
+
+    model = MRKDModel.from_config(ModelConfig.from_dict(data["model_config"]))
+    model.load_state_dict(data["state_dict"])
+    images = [r.load_image() for r in open_dataset(cfg.data, seed=cfg.seed).train[:8]]
+    with torch.no_grad():
+        f4 = model.teacher(normalize(prepare_batch(images, cfg.image_size)))[0]
+        first_conv = model.bottleneck.down4[0][0](f4)  # the input of the bottleneck's first BatchNorm
+    expected_mean = first_conv.mean(dim=(0, 2, 3))
+    running_mean = model.bottleneck.down4[0][1].running_mean
+    torch.testing.assert_close(running_mean, expected_mean, rtol=1e-3, atol=1e-4)
+
+
+def test_cached_teacher_targets_train_exactly_like_computing_them_every_step(tmp_path):
+    from mrkd.runtime.training import StepOptions, Trainer
+
+    runs = {}
+    for cache in (True, False):
+        trainer = Trainer(tiny(tmp_path / str(cache), steps=3), show_progress=False,
+                          options=StepOptions(cache_targets=cache, bf16=False))
+        assert (trainer.features.cached is not None) == cache
+        trainer.train_steps()
+        runs[cache] = trainer.state.losses
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-5)

@@ -68,6 +68,9 @@ class Backbone(nn.Module):
     """Frozen feature extractor: forward(x) -> [f4, f8, f16]."""
 
     channels: tuple[int, int, int]
+    # True when the taps can be negative (outputs of linear bottlenecks), False when they are post-ReLU: the
+    # student's last layer must be able to produce whatever sign the teacher's features have.
+    signed_taps: bool = True
 
     def train(self, mode: bool = True) -> "Backbone":
         # The teacher's BatchNorm statistics must never move: stay in eval whatever the caller asks for.
@@ -144,6 +147,7 @@ class ResNetBackbone(Backbone):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
         self.channels = channels
+        self.signed_taps = False  # each layer ends with a ReLU
 
     def forward(self, x: Tensor) -> list[Tensor]:
         f4 = self.layer1(self.stem(x))

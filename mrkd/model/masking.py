@@ -28,6 +28,7 @@ __all__ = [
     "Patch",
     "flm_mask",
     "ilm_config_for",
+    "ilm_row_for_source",
     "ilm_corrupt",
     "object_mask",
 ]
@@ -91,6 +92,16 @@ ILM_SETTINGS: dict[str, ILMConfig] = {
 # Unknown categories (ELPV cells, textures, users' products): the texture row (carpet/leather). Defects of unknown
 # products can be of any size, and these images fill the frame, so no background test and the widest size range.
 DEFAULT_ILM = _row(_LARGE, _LARGE, 4)
+
+
+# Built-in data sources outside MVTec AD -> the table row measured best for them (docs/results.md, "ILM row";
+# chosen on a seed that is not reported). A user's own product: --ilm-category <row> (see the README).
+ILM_ROW_FOR_SOURCE: dict[str, str] = {}
+
+
+def ilm_row_for_source(spec: str) -> str | None:
+    """The measured ILM row for a built-in data source spec (e.g. "elpv:mono"), or None."""
+    return ILM_ROW_FOR_SOURCE.get(str(spec))
 
 
 def ilm_config_for(category: str | None) -> ILMConfig:

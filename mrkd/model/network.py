@@ -100,10 +100,14 @@ def _up_shortcut(in_ch: int, out_ch: int) -> nn.Sequential:
 
 
 class UpBottleneck(nn.Module):
-    """RD4AD decoder bottleneck: 1x1 -> (2x2 stride-2 transposed conv | 3x3) -> 1x1, residual."""
+    """RD4AD decoder bottleneck: 1x1 -> (2x2 stride-2 transposed conv | 3x3) -> 1x1, residual.
 
-    def __init__(self, in_ch: int, width: int, out_ch: int, upsample: bool) -> None:
+    `final_relu=False` leaves the sum linear: the last block of a stage whose teacher tap is signed (a linear
+    bottleneck output) must be able to produce negative values."""
+
+    def __init__(self, in_ch: int, width: int, out_ch: int, upsample: bool, final_relu: bool = True) -> None:
         super().__init__()
+        self.final_relu = final_relu
         self.conv1, self.bn1 = nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width)
         self.conv2 = (nn.ConvTranspose2d(width, width, 2, stride=2, bias=False) if upsample
                       else nn.Conv2d(width, width, 3, padding=1, bias=False))
@@ -117,15 +121,17 @@ class UpBottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + self.shortcut(x))
+        out = self.bn3(self.conv3(out)) + self.shortcut(x)
+        return self.relu(out) if self.final_relu else out
 
 
 class UpBasicBlock(nn.Module):
-    """RD4AD decoder basic block: (2x2 stride-2 transposed conv | 3x3) -> 3x3, residual."""
+    """RD4AD decoder basic block: (2x2 stride-2 transposed conv | 3x3) -> 3x3, residual (see UpBottleneck for
+    `final_relu`)."""
 
-    def __init__(self, in_ch: int, out_ch: int, upsample: bool) -> None:
+    def __init__(self, in_ch: int, out_ch: int, upsample: bool, final_relu: bool = True) -> None:
         super().__init__()
+        self.final_relu = final_relu
         self.conv1 = (nn.ConvTranspose2d(in_ch, out_ch, 2, stride=2, bias=False) if upsample
                       else nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False))
         self.bn1 = nn.BatchNorm2d(out_ch)
@@ -135,25 +141,30 @@ class UpBasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return self.relu(out) if self.final_relu else out
 
 
 class StudentDecoder(nn.Module):
-    """Three upsampling stages; returns every stage output, ordered stride 4, 8, 16 like the teacher."""
+    """Three upsampling stages; returns every stage output, ordered stride 4, 8, 16 like the teacher.
 
-    def __init__(self, in_ch: int, channels: tuple[int, int, int], spec: StudentSpec) -> None:
+    `signed_outputs`: the teacher's taps take negative values (linear bottlenecks: MobileNetV2, EfficientNet-Lite),
+    so each stage ends without a ReLU; post-ReLU taps (ResNets) keep RD4AD's final ReLU."""
+
+    def __init__(self, in_ch: int, channels: tuple[int, int, int], spec: StudentSpec,
+                 signed_outputs: bool = False) -> None:
         super().__init__()
         stages = []
         for out_ch, count in zip(reversed(channels), spec.decoder_blocks):
             blocks: list[nn.Module] = []
             for index in range(count):
                 block_in = in_ch if index == 0 else out_ch
+                final_relu = not (signed_outputs and index == count - 1)
                 if spec.block == "basic":
-                    blocks.append(UpBasicBlock(block_in, out_ch, upsample=index == 0))
+                    blocks.append(UpBasicBlock(block_in, out_ch, upsample=index == 0, final_relu=final_relu))
                 else:
                     width = max(int(out_ch * spec.width_ratio), spec.min_width)
-                    blocks.append(UpBottleneck(block_in, width, out_ch, upsample=index == 0))
+                    blocks.append(UpBottleneck(block_in, width, out_ch, upsample=index == 0, final_relu=final_relu))
             stages.append(nn.Sequential(*blocks))
             in_ch = out_ch
         self.stages = nn.ModuleList(stages)
@@ -194,13 +205,15 @@ class MRKDModel(nn.Module):
         channels = self.teacher.channels
         spec = STUDENT_SPECS.get(backbone, _DEFAULT_SPEC)
         self.bottleneck = OneClassBottleneck(channels, spec)
-        self.student = StudentDecoder(self.bottleneck.out_channels, channels, spec)
-        _init_rd4ad(self.bottleneck)
-        _init_rd4ad(self.student)
+        self.student = StudentDecoder(self.bottleneck.out_channels, channels, spec,
+                                      signed_outputs=self.teacher.signed_taps)
         self.flm = flm
         self.flm_ratio = flm_ratio
         self.inference_mask = inference_mask
         self.generation = nn.ModuleList(_generation_block(c) for c in channels) if flm else None
+        for module in (self.bottleneck, self.student, self.generation):
+            if module is not None:
+                _init_rd4ad(module)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, teacher: Backbone | None = None) -> "MRKDModel":
@@ -217,7 +230,7 @@ class MRKDModel(nn.Module):
             if module is not None:
                 yield from module.parameters()
 
-    def _restore(self, student_feats: list[Tensor]) -> list[Tensor]:
+    def _generate(self, student_feats: list[Tensor]) -> list[Tensor]:
         assert self.generation is not None
         masked = self.training or self.inference_mask
         restored = []
@@ -228,6 +241,11 @@ class MRKDModel(nn.Module):
                 feature = feature * keep.to(feature.dtype)
             restored.append(block(feature))
         return restored
+
+    def restore(self, teacher_feats: list[Tensor]) -> list[Tensor]:
+        """Student features from the teacher's: bottleneck -> student decoder -> (FLM) generation blocks."""
+        student_feats = self.student(self.bottleneck(teacher_feats))
+        return self._generate(student_feats) if self.generation is not None else student_feats
 
     def forward(self, x_input: Tensor, x_target: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """(teacher features of x_target, or of x_input when None; student features), strides 4, 8, 16."""
@@ -247,7 +265,4 @@ class MRKDModel(nn.Module):
                 both = self.teacher(torch.cat([x_input, x_target], dim=0))
                 teacher_in = [f[: x_input.shape[0]] for f in both]
                 teacher_target = [f[x_input.shape[0]:] for f in both]
-        student_feats = self.student(self.bottleneck(teacher_in))
-        if self.generation is not None:
-            student_feats = self._restore(student_feats)
-        return teacher_target, student_feats
+        return teacher_target, self.restore(teacher_in)
