@@ -18,7 +18,6 @@ step (data and ILM, teacher, student forward, backward + Adam), and the loss cur
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -236,7 +237,8 @@ class Trainer:
         self.timer = timer or PhaseTimer()
         self.device = resolve_device(cfg.device)
         self.ddp = setup_distributed(self.device)
-        self.show = show_progress and self.ddp.is_main
+        self.show = show_progress and self.ddp.is_main  # the concise progress lines
+        self.bars = self.show and sys.stderr.isatty()  # live bars only on a terminal, not in logs
         self.options = options or StepOptions(bf16=use_bf16(cfg.precision, self.device))
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / CHECKPOINT_NAME
@@ -249,7 +251,7 @@ class Trainer:
         if not records:
             raise ValueError(f"{cfg.data}: no training images")
         self.train_records = records
-        self.images = load_images(records, cfg.image_size, "loading train images", self.show)
+        self.images = load_images(records, cfg.image_size, "loading train images", self.bars)
 
         self.model = build_model(cfg.model_config(), pretrained=cfg.pretrained, weights=cfg.weights).to(self.device)
         if self.options.channels_last:
@@ -269,7 +271,7 @@ class Trainer:
         self.steps_per_epoch = cfg.steps_per_epoch(len(self.images), self.ddp.world_size)
         self.total_steps = cfg.total_steps(len(self.images), self.ddp.world_size)
         self.features = TeacherFeatures(self.model, self.images, self.device, self.options.cache_targets,
-                                        cfg.feature_cache_gb, cfg.batch_size, self.options.channels_last, self.show)
+                                        cfg.feature_cache_gb, cfg.batch_size, self.options.channels_last, self.bars)
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.options.bf16 else nullcontext()
@@ -318,8 +320,7 @@ class Trainer:
                      "on" if cfg.ilm else "off", self.ilm_row or "default", "on" if cfg.flm else "off")
         self.model.train()
         report_every = max(1, self.total_steps // PROGRESS_LINES)
-        bar = tqdm(total=until, initial=state.step, desc="training", unit="step", disable=not self.show,
-                   leave=False)
+        bar = tqdm(total=until, initial=state.step, desc="training", unit="step", leave=False, disable=not self.bars)
         start, start_step = time.perf_counter(), state.step
         try:
             while state.step < until:
@@ -352,7 +353,7 @@ class Trainer:
         if self.ddp.is_main:
             refresh_batchnorm(self.restorer, self.features, cfg.batch_size)
             calib_records = self.splits.calibration or self.train_records
-            calib_images = load_images(calib_records, cfg.image_size, "calibrating", self.show)
+            calib_images = load_images(calib_records, cfg.image_size, "calibrating", self.bars)
             calibration = calibrate(self.model, cfg, calib_images, self.device)
             self.save(calibration)
             write_json(self.out / "losses.json", {"step_loss": self.state.losses})
