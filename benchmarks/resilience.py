@@ -9,7 +9,8 @@ client's exit status.
 
 restart: one camera at --fps 1 for --frames 40 (synthetic 256 px frames), `--queue-size 100`, everything else the
 client's defaults (--timeout 30, --retry-timeout 60). The tritonserver under `mrkd.serve` is SIGKILLed --kill-after
-6 s after the client started; `mrkd.serve` is started again on the same ports --restart-after 40 s later.
+6 s after the client's run started ("servers ready"); `mrkd.serve` is started again on the same ports
+--restart-after 40 s after the kill.
 failing-server: two `mrkd.serve` servers of the same checkpoint; B's detector is mrkd's DetectorModel with the test
 suite's fault injection (tests/conftest.py FAULTY_DETECTOR): after B has answered a few frames, every forward pass on
 B raises (INTERNAL) for --fail-for seconds, then B heals. orphans: a full product served, the launcher SIGKILLed,
@@ -137,10 +138,55 @@ def counts(out: Path, read: int) -> dict[str, int]:
     return {"read": read, "answered": answered, "errors": errors, "lost": read - len(frames) + dropped}
 
 
+def show(stderr: str) -> None:
+    """The client's summary table, or the end of its stderr when it has none."""
+    table = stderr.find("camera  read")
+    print(stderr[table:] if table >= 0 else "\n".join(stderr.splitlines()[-20:]), flush=True)
+
+
 def frames_read(stderr: str) -> int:
     """The summary table's 'read' column (sum over cameras)."""
     lines = stderr[stderr.index("camera  read"):].splitlines()[2:] if "camera  read" in stderr else []
     return sum(int(line.split()[1]) for line in lines if len(line.split()) > 2 and line.split()[1].isdigit())
+
+
+class Client:
+    """`python -m client` as a separate process; its stderr is collected by a thread (the run starts when it prints
+    "servers ready")."""
+
+    def __init__(self, command: list[str]):
+        import threading
+
+        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if line.startswith("servers ready"):
+                self.started.set()
+        self.started.set()
+
+    def wait_started(self, timeout: float = 300) -> None:
+        if not self.started.wait(timeout) or self.process.poll() is not None:
+            raise RuntimeError("the client did not start:\n" + "".join(self.lines[-20:]))
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(10)
+        return code, "".join(self.lines)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def retry_args(args: argparse.Namespace) -> list[str]:
+    return [] if args.retry_timeout is None else ["--retry-timeout", str(args.retry_timeout)]
 
 
 def client_command(urls: list[str], out: Path, camera: str, extra: list[str]) -> list[str]:
@@ -158,12 +204,12 @@ def restart(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
     first = Serve(repo, ports, work / "restart_server1.log").start()
     print(f"[restart] server ready in {first.ready_s:.1f} s at {first.url}", flush=True)
     out = work / "restart.jsonl"
-    client = subprocess.Popen(client_command(
+    client = Client(client_command(
         [first.url], out, f"cam=synthetic:size=256,count={args.frames}",
-        ["--fps", str(args.fps), "--max-frames", str(args.frames), "--queue-size", "100"]),
-        cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        ["--fps", str(args.fps), "--max-frames", str(args.frames), "--queue-size", "100", *retry_args(args)]))
     second = None
     try:
+        client.wait_started()
         time.sleep(args.kill_after)
         killed = time.monotonic()
         os.kill(first.tritonserver_pid(), signal.SIGKILL)
@@ -176,17 +222,16 @@ def restart(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
         back_s = time.monotonic() - killed
         print(f"[restart] restarted on the same ports {args.restart_after:g} s after the kill, ready "
               f"{second.ready_s:.1f} s later ({back_s:.1f} s after the kill)", flush=True)
-        _, stderr = client.communicate(timeout=args.frames / args.fps + 600)
+        client_exit, stderr = client.wait(timeout=args.frames / args.fps + 600)
     finally:
-        if client.poll() is None:
-            client.kill()
+        client.kill()
         for server in (first, second):
             if server is not None:
                 server.stop()
-    result = {"scenario": "restart", **counts(out, frames_read(stderr)), "client_exit": client.returncode,
+    result = {"scenario": "restart", **counts(out, frames_read(stderr)), "client_exit": client_exit,
               "launcher_exit": code, "launcher_exit_s": round(launcher_exit_s, 2),
               "server_back_after_kill_s": round(back_s, 1)}
-    print(stderr[stderr.find("camera  read"):], flush=True)
+    show(stderr)
     return result
 
 
@@ -204,11 +249,12 @@ def failing_server(args: argparse.Namespace, checkpoint: Path, work: Path) -> di
     b = Serve(repo_b, (free_port(), free_port(), free_port()), work / "server_b.log").start()
     print(f"[failing-server] A {a.url} ready in {a.ready_s:.1f} s, B {b.url} in {b.ready_s:.1f} s", flush=True)
     out = work / "failing.jsonl"
-    client = subprocess.Popen(client_command(
+    client = Client(client_command(
         [a.url, b.url], out, f"cam=synthetic:size=256,count={args.frames}",
         ["--fps", str(args.failing_fps), "--max-frames", str(args.frames), "--queue-size", "100",
-         "--probe-interval", "1"]), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+         "--probe-interval", "1", *retry_args(args)]))
     try:
+        client.wait_started()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             records = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
@@ -223,20 +269,19 @@ def failing_server(args: argparse.Namespace, checkpoint: Path, work: Path) -> di
         fault.unlink()
         healed_at = len([x for x in out.read_text().splitlines() if x.strip()])
         print("[failing-server] B healed", flush=True)
-        _, stderr = client.communicate(timeout=args.frames / args.failing_fps + 600)
+        client_exit, stderr = client.wait(timeout=args.frames / args.failing_fps + 600)
     finally:
         fault.unlink(missing_ok=True)
-        if client.poll() is None:
-            client.kill()
+        client.kill()
         a.stop()
         b.stop()
     records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
     during = records[failing_from:healed_at]
-    result = {"scenario": "failing-server", **counts(out, frames_read(stderr)), "client_exit": client.returncode,
+    result = {"scenario": "failing-server", **counts(out, frames_read(stderr)), "client_exit": client_exit,
               "answered_by_b_while_failing": sum(r.get("server") == b.url for r in during),
               "retried_while_failing": sum(r.get("attempts", 1) > 1 for r in during),
               "answered_by_b_after_healing": sum(r.get("server") == b.url for r in records[healed_at:])}
-    print(stderr[stderr.find("camera  read"):], flush=True)
+    show(stderr)
     return result
 
 
@@ -245,16 +290,18 @@ def orphans(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
     export_product(checkpoint, repo)
     server = Serve(repo, (free_port(), free_port(), free_port()), work / "orphans_server.log").start()
     family = descendants(server.process.pid)
+    killed = time.monotonic()
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait()
-    deadline = time.monotonic() + args.grace
+    deadline = killed + args.grace
     while alive(family) and time.monotonic() < deadline:
         time.sleep(0.2)
     left = alive(family)
+    gone_after = time.monotonic() - killed
     for pid in left:  # do not leak them from the measurement itself
         os.kill(pid, signal.SIGKILL)
     return {"scenario": "orphans", "processes_under_serve": len(family), "left_after_sigkill": len(left),
-            "grace_s": args.grace}
+            "all_gone_after_s": None if left else round(gone_after, 1), "grace_s": args.grace}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,10 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--failing-fps", type=float, default=2.0, help="failing-server: the camera's frame rate")
     p.add_argument("--fail-for", type=float, default=10.0)
     p.add_argument("--grace", type=float, default=15.0, help="orphans: seconds allowed for the server to stop")
+    p.add_argument("--retry-timeout", type=float, help="the client's --retry-timeout (default: the client's, 60 s)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--keep", type=Path, help="keep the repositories, logs and results files in this folder")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mrkd-resilience-") as tmp:
         work = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            work = args.keep
         checkpoint = args.checkpoint or tiny_checkpoint(work)
         scenarios = ["restart", "failing-server", "orphans"] if args.scenario == "all" else [args.scenario]
         results = []

@@ -78,6 +78,7 @@ class _Camera:
         self.slots = threading.Semaphore(options.max_in_flight)
         self.stats = CameraStats(name)
         self.pending: dict[int, Frame] = {}  # frames sent and not yet recorded, by index
+        self.recording = 0  # frames taken out of `pending` whose line and counts are being written
         self.pending_lock = threading.Condition()
         self.failure = ""  # why the source stopped early, if it did
         self.reconnecting = False  # its stream is lost and being reopened
@@ -288,7 +289,8 @@ class MultiCameraRunner:
 
     def _wait_in_flight(self, camera: _Camera, deadline: float) -> None:
         with camera.pending_lock:
-            while camera.pending and not self.abort_event.is_set() and time.monotonic() < deadline:
+            while ((camera.pending or camera.recording) and not self.abort_event.is_set()
+                   and time.monotonic() < deadline):
                 camera.pending_lock.wait(min(_POLL_S, max(0.0, deadline - time.monotonic())))
             left = sorted(camera.pending)
         for index in left:
@@ -296,6 +298,9 @@ class MultiCameraRunner:
                 frame = camera.pending.get(index)
             if frame is not None:
                 self._record(camera, frame, STATUS_ERROR, sent=True, error="no answer before shutdown")
+        with camera.pending_lock:  # answers being written right now: their counts belong in the summary
+            while camera.recording:
+                camera.pending_lock.wait(_POLL_S)
 
     # -- recording -----------------------------------------------------------------------------------------------
     def _record_result(self, camera: _Camera, frame: Frame, result: InspectionResult) -> None:
@@ -328,7 +333,16 @@ class MultiCameraRunner:
             with camera.pending_lock:
                 if camera.pending.pop(frame.index, None) is None:
                     return
-                camera.pending_lock.notify_all()
+                camera.recording += 1
+        try:
+            self._write_record(camera, frame, status, fields)
+        finally:
+            if sent:
+                with camera.pending_lock:
+                    camera.recording -= 1
+                    camera.pending_lock.notify_all()
+
+    def _write_record(self, camera: _Camera, frame: Frame, status: str, fields: dict[str, Any]) -> None:
         record: dict[str, Any] = {
             "camera": camera.name,
             "frame": frame.index,
