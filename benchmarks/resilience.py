@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -36,7 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import alive, descendants, start_serve, tritonserver_of  # noqa: E402  (tests/helpers.py)
 from mrkd.triton.launcher import free_port  # noqa: E402
 from mrkd.triton.repository import ExportOptions, export  # noqa: E402
 
@@ -59,20 +60,10 @@ class Serve:
         self.ready_s = 0.0
 
     def start(self, timeout: float = 600) -> "Serve":
-        grpc, http, metrics = self.ports
         started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mrkd.serve", "--repo", str(self.repo), "--grpc-port", str(grpc),
-             "--http-port", str(http), "--metrics-port", str(metrics), "--log-file", str(self.log)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        while time.monotonic() - started < timeout:
-            ready, _, _ = select.select([self.process.stdout], [], [], 1.0)
-            if ready and self.process.stdout.readline().startswith("ready"):
-                self.ready_s = time.monotonic() - started
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mrkd.serve exited with {self.process.returncode}: {self.process.stderr.read()}")
-        raise RuntimeError("mrkd.serve did not become ready")
+        self.process = start_serve(self.repo, self.ports, self.log, timeout)
+        self.ready_s = time.monotonic() - started
+        return self
 
     @property
     def url(self) -> str:
@@ -80,10 +71,7 @@ class Serve:
 
     def tritonserver_pid(self) -> int:
         assert self.process is not None
-        for pid in descendants(self.process.pid):
-            if Path(f"/proc/{pid}/comm").read_text().strip().startswith("tritonserver"):
-                return pid
-        raise RuntimeError("no tritonserver under mrkd.serve")
+        return tritonserver_of(self.process.pid)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -93,32 +81,6 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def process_table() -> dict[int, tuple[int, str]]:
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
-    return table
-
-
-def descendants(pid: int) -> set[int]:
-    table = process_table()
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pids: set[int]) -> set[int]:
-    table = process_table()
-    return {p for p in pids if p in table and table[p][1] != "Z"}
 
 
 def export_product(checkpoint: Path, repo: Path, encoded_only: bool = False) -> dict[str, str]:
@@ -236,7 +198,6 @@ def restart(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
 
 
 def failing_server(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import FAULTY_DETECTOR  # the test suite's fault injection (a real DetectorModel that can fail)
 
     repo_a, repo_b = work / "repo_a", work / "repo_b"

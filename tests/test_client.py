@@ -25,6 +25,7 @@ from client.sources import (
     parse_synthetic,
 )
 from client.cli import build_parser, parse_args
+from helpers import start_serve, tritonserver_of
 from mrkd.core.preprocess import decode_image, load_image
 from mrkd.triton.launcher import free_port
 
@@ -374,6 +375,22 @@ def detector(served_model):
     return Detector.load(served_model.checkpoint)
 
 
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Polls `condition` every 50 ms; AssertionError naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def answered_by(out: Path, url: str, after: int = 0) -> int:
+    """Lines of the results file `out`, from line `after` on, answered by the server `url`."""
+    return sum(1 for r in read_jsonl(out)[after:] if r.get("server") == url)
+
+
 def records_by_frame(records: list[dict]) -> dict[tuple[str, int], dict]:
     keyed = {(r["camera"], r["frame"]): r for r in records}
     assert len(keyed) == len(records), "a frame has more than one line"
@@ -504,36 +521,23 @@ def test_failover_between_two_real_servers_loses_no_frame(served_model, tmp_path
         phases: dict[str, int] = {}
         failure: list[BaseException] = []
 
-        def answered_by(url: str, after: int = 0) -> int:
-            return sum(1 for r in read_jsonl(out)[after:] if r.get("server") == url)
-
-        def wait_for(condition, what: str, timeout: float = 120.0) -> None:
-            deadline = threading.Event()
-            timer = threading.Timer(timeout, deadline.set)
-            timer.start()
-            try:
-                while not condition():
-                    if deadline.wait(0.05):
-                        raise AssertionError(f"timed out waiting for {what}")
-            finally:
-                timer.cancel()
-
         def control() -> None:
             try:
                 admin = server_b.grpc_url
                 import tritonclient.grpc as grpcclient
 
                 with grpcclient.InferenceServerClient(admin) as b:
-                    wait_for(lambda: answered_by(server_b.grpc_url) >= 2, "B to answer")
+                    wait_for(lambda: answered_by(out, server_b.grpc_url) >= 2, "B to answer")
                     b.unload_model(served_model.model_name)
                     wait_for(lambda: not pool.servers[1].ready, "the pool to mark B not ready")
                     phases["unloaded"] = writer.lines
-                    wait_for(lambda: answered_by(served_model.grpc_url, phases["unloaded"]) >= 4, "A alone")
-                    phases["b_during_unload"] = answered_by(server_b.grpc_url, phases["unloaded"])
+                    wait_for(lambda: answered_by(out, served_model.grpc_url, phases["unloaded"]) >= 4, "A alone")
+                    phases["b_during_unload"] = answered_by(out, server_b.grpc_url, phases["unloaded"])
                     b.load_model(served_model.model_name)
                     wait_for(lambda: pool.servers[1].ready, "the pool to re-admit B")
                     phases["reloaded"] = writer.lines
-                    wait_for(lambda: answered_by(server_b.grpc_url, phases["reloaded"]) >= 2, "B to answer again")
+                    wait_for(lambda: answered_by(out, server_b.grpc_url, phases["reloaded"]) >= 2,
+                             "B to answer again")
                 server_b.stop()  # SIGTERM in the middle of the run, requests in flight
                 phases["stopped"] = writer.lines
                 wait_for(lambda: not pool.servers[1].ready, "the pool to drop the stopped B")
@@ -719,33 +723,21 @@ def test_a_server_side_failure_is_retried_elsewhere_and_the_failing_server_avoid
     phases: dict[str, int] = {}
     failure: list[BaseException] = []
 
-    def answered_by(url: str, after: int = 0) -> int:
-        return sum(1 for r in read_jsonl(out)[after:] if r.get("server") == url)
-
-    def wait_for(condition, what: str, timeout: float = 120.0) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.05)
-
     def control() -> None:
         import time
 
         try:
-            wait_for(lambda: answered_by(b) >= 2, "B to answer")
+            wait_for(lambda: answered_by(out, b) >= 2, "B to answer")
             faulty_served_model.set_fault("fail")
             phases["failing"] = writer.lines
             wait_for(lambda: not pool.servers[1].ready, "the pool to mark B not ready")
-            wait_for(lambda: answered_by(a, phases["failing"]) >= 8, "A to answer alone")
+            wait_for(lambda: answered_by(out, a, phases["failing"]) >= 8, "A to answer alone")
             time.sleep(1.0)  # several probe intervals: B's inference probes fail, it stays out
             assert not pool.servers[1].ready
             phases["healed"] = writer.lines
             faulty_served_model.set_fault(None)
             wait_for(lambda: pool.servers[1].ready, "the pool to re-admit B")
-            wait_for(lambda: answered_by(b, phases["healed"]) >= 2, "B to answer again")
+            wait_for(lambda: answered_by(out, b, phases["healed"]) >= 2, "B to answer again")
         except BaseException as exc:
             failure.append(exc)
         finally:
@@ -925,40 +917,6 @@ def test_without_reconnect_a_lost_stream_is_a_camera_that_gave_up(served_model, 
     assert code == 3
 
 
-def _start_serve(repo: Path, ports: tuple[int, int, int], log: Path):
-    """`python -m mrkd.serve` on fixed ports; returns the process once it printed "ready"."""
-    import select
-    import subprocess
-    import sys
-    import time
-
-    grpc, http, metrics = ports
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mrkd.serve", "--repo", str(repo), "--grpc-port", str(grpc), "--http-port", str(http),
-         "--metrics-port", str(metrics), "--log-file", str(log)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready and process.stdout.readline().startswith("ready"):
-            return process
-        if process.poll() is not None:
-            raise AssertionError(f"mrkd.serve exited with {process.returncode}: {process.stderr.read()}")
-    process.kill()
-    raise AssertionError("mrkd.serve did not become ready")
-
-
-def _tritonserver_of(launcher_pid: int) -> int:
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(launcher_pid) and fields.get("Name", "").startswith("tritonserver"):
-            return int(status.parent.name)
-    raise AssertionError(f"no tritonserver child of {launcher_pid}")
-
-
 def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoint, tmp_path):
     """The issue's scenario, shortened: a live camera (2 frames/s), the only tritonserver SIGKILLed a few seconds
     in and restarted on the same ports 8 s later (longer than the 4 s request timeout). Every frame is answered,
@@ -979,7 +937,7 @@ def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoi
         shutil.rmtree(repo / models[role])
     ports = (free_port(), free_port(), free_port())
     out = tmp_path / "results.jsonl"
-    first = _start_serve(repo, ports, tmp_path / "server1.log")
+    first = start_serve(repo, ports, tmp_path / "server1.log")
     second = None
     client = subprocess.Popen(
         [sys.executable, "-m", "client", "--url", f"127.0.0.1:{ports[0]}", "--camera", "cam=synthetic:size=64,count=24",
@@ -991,10 +949,10 @@ def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoi
             assert time.monotonic() < deadline and client.poll() is None, "the client answered nothing"
             time.sleep(0.1)
         killed = time.monotonic()
-        os.kill(_tritonserver_of(first.pid), signal.SIGKILL)
+        os.kill(tritonserver_of(first.pid), signal.SIGKILL)
         assert first.wait(timeout=15) == 1 and time.monotonic() - killed < 10
         time.sleep(8)
-        second = _start_serve(repo, ports, tmp_path / "server2.log")
+        second = start_serve(repo, ports, tmp_path / "server2.log")
         _, stderr = client.communicate(timeout=180)
         records = read_jsonl(out)
         keyed = records_by_frame(records)

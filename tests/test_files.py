@@ -1,36 +1,14 @@
 """Atomic writes (mrkd.core.files): durable before they become visible."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import record_fsyncs_and_renames
 from mrkd.core.files import atomic_path, write_json
-
-
-def record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
-    events: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def replace(src, dst, *args, **kwargs):
-        events.append(("rename", str(dst)))
-        return real_replace(src, dst, *args, **kwargs)
-
-    def rename(src, dst, *args, **kwargs):
-        events.append(("rename", str(dst)))
-        return real_rename(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "rename", rename)
-    return events
 
 
 def test_atomic_write_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
@@ -40,7 +18,7 @@ def test_atomic_write_fsyncs_the_data_before_the_rename_and_the_folder_after(tmp
     target = tmp_path / "metrics.json"
     write_json(target, {"auroc": 0.9})
     renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
-    assert len(renames) == 1 and events[renames[0]] == ("rename", str(target))
+    assert len(renames) == 1 and events[renames[0]][1].endswith(f" -> {target}")
     before, after = events[: renames[0]], events[renames[0] + 1:]
     assert any(kind == "fsync" and Path(p).parent == tmp_path and p != str(tmp_path) for kind, p in before), events
     assert ("fsync", str(tmp_path)) in after, events

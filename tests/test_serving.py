@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import alive, descendants, record_fsyncs_and_renames, start_serve, tritonserver_of, wait_gone
 from mrkd.runtime.calibration import Calibration
 from mrkd.core.config import ModelConfig
 from mrkd.runtime.detector import Detector, Prediction
@@ -501,26 +502,7 @@ def test_concurrent_exports_get_distinct_whole_versions(tiny_checkpoint, tmp_pat
 
 
 def test_export_makes_every_file_durable_before_it_becomes_visible(tiny_checkpoint, tmp_path, monkeypatch):
-    import os
-
-    events: list[tuple[str, str]] = []
-    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def rename(src, dst, *args, **kwargs):
-        events.append(("rename", f"{src} -> {dst}"))
-        return real_rename(src, dst, *args, **kwargs)
-
-    def replace(src, dst, *args, **kwargs):
-        events.append(("rename", f"{src} -> {dst}"))
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_fsyncs_and_renames(monkeypatch)
     repo = tmp_path / "repo"
     export(tiny_checkpoint, repo, ExportOptions(name="cells"))
     first_rename = next(i for i, (kind, _) in enumerate(events) if kind == "rename")
@@ -587,67 +569,17 @@ def test_request_pixel_bound_counts_every_item():
 # ---------------------------------------------------------------------------------------------------- the server's lifetime
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state) of every process."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
-    return table
-
-
-def _descendants(pid: int) -> set[int]:
-    table = _process_table()
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    table = _process_table()
-    return {p for p in pids if p in table and table[p][1] != "Z"}
-
-
 def _start_serve(tiny_checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
     """`python -m mrkd.serve` on a detector-only repository; returns it once ready, with its processes."""
-    import select
-    import time
-
     repo = tmp_path / "repo"
     names = export(tiny_checkpoint, repo, ExportOptions(name="solo")).models
     for role, model in names.items():  # only the detector: one stub process keeps the start short
         if role != "detector":
             shutil.rmtree(repo / model)
-    process = subprocess.Popen([sys.executable, "-m", "mrkd.serve", "--repo", str(repo), "--grpc-port", "0",
-                                "--http-port", "0", "--metrics-port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready and process.stdout.readline().startswith("ready"):
-            break
-        assert process.poll() is None, process.stderr.read()
-    else:
-        process.kill()
-        raise AssertionError("mrkd.serve did not become ready")
-    family = _descendants(process.pid)
+    process = start_serve(repo)
+    family = descendants(process.pid)
     assert len(family) >= 2, f"expected tritonserver and its python stub, found {family}"
     return process, family
-
-
-def _wait_gone(pids: set[int], timeout: float = 20.0) -> set[int]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _alive(pids)
 
 
 def test_a_sigkilled_serve_leaves_no_process_behind(tiny_checkpoint, tmp_path):
@@ -658,10 +590,10 @@ def test_a_sigkilled_serve_leaves_no_process_behind(tiny_checkpoint, tmp_path):
     try:
         os.kill(process.pid, signal.SIGKILL)  # the launcher dies without any chance to clean up (OOM killer)
         process.wait(timeout=30)
-        left = _wait_gone(family)
+        left = wait_gone(family)
         assert not left, f"{len(left)} processes outlived their launcher: {left}"
     finally:
-        for pid in _alive(family):
+        for pid in alive(family):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -672,16 +604,15 @@ def test_serve_exits_nonzero_at_once_when_its_tritonserver_dies(tiny_checkpoint,
 
     process, family = _start_serve(tiny_checkpoint, tmp_path)
     try:
-        server = next(p for p in family if "tritonserver" in Path(f"/proc/{p}/cmdline").read_text())
         killed = time.monotonic()
-        os.kill(server, signal.SIGKILL)
+        os.kill(tritonserver_of(process.pid), signal.SIGKILL)
         assert process.wait(timeout=30) == 1
         assert time.monotonic() - killed < 10
         assert "exited unexpectedly" in process.stderr.read()
-        left = _wait_gone(family)
+        left = wait_gone(family)
         assert not left, f"{len(left)} processes outlived their server: {left}"
     finally:
         if process.poll() is None:
             process.kill()
-        for pid in _alive(family):
+        for pid in alive(family):
             os.kill(pid, signal.SIGKILL)
