@@ -249,11 +249,6 @@ class InspectionClient:
         if response.as_numpy(OUTPUT_SCORE) is None:
             raise ValueError(f"the probe's response lacks {OUTPUT_SCORE}")
 
-    def waiting(self) -> int:
-        """Frames waiting for a ready server right now."""
-        with self._waiting_lock:
-            return len(self._waiting)
-
     def close(self) -> None:
         with self._waiting_lock:
             self._closed = True

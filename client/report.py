@@ -270,12 +270,6 @@ class CameraStats:
         with self._lock:
             return self.answered + self.dropped + self.errors
 
-    @property
-    def failed(self) -> bool:
-        """Whether the run should end with a non-zero exit status for this camera."""
-        with self._lock:
-            return bool(self.errors or self.invalid or self.failure)
-
     def snapshot(self, window_s: float = 5.0) -> dict[str, Any]:
         """Figures for the progress line: answers/s and latency percentiles over the last `window_s` seconds (at
         most 10), counts, state."""
