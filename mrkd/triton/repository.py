@@ -260,6 +260,15 @@ def write_configs(repo: Path, image_size: int, opts: ExportOptions) -> dict[str,
 # ---------------------------------------------------------------------------------------------------------- publishing
 
 
+def _discard(paths: list[Path]) -> None:
+    """Removes staged (temporary) folders and files."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _write_durable(path: Path, content: str | Path) -> None:
     """Writes text, or copies a file, and fsyncs it."""
     if isinstance(content, Path):
@@ -293,11 +302,7 @@ def _stage(repo: Path, version: int, versions: dict[str, dict[str, str | Path]],
             tmp.chmod(0o644)
             _write_durable(tmp, text)
     except BaseException:
-        for tmp, _ in folders + config_files:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+        _discard([tmp for tmp, _ in folders + config_files])
         raise
     return folders + config_files
 
@@ -314,8 +319,7 @@ def _publish(repo: Path, name: str, version: int, renames: list[tuple[Path, Path
         with atomic_path(journal) as tmp:
             tmp.write_text(json.dumps({"product": name, "version": version, "renames": entries}, indent=2) + "\n")
     except BaseException:
-        for src, _ in renames:  # nothing is visible yet: take the staged files away again
-            shutil.rmtree(src, ignore_errors=True) if src.is_dir() else src.unlink(missing_ok=True)
+        _discard([src for src, _ in renames])  # nothing is visible yet: take the staged files away again
         raise
     _apply_journal(repo, journal)
 
@@ -347,9 +351,7 @@ def finish_interrupted_exports(repo: str | Path) -> list[str]:
     for journal in sorted(repo.glob(f".*{JOURNAL_SUFFIX}")):
         _apply_journal(repo, journal)
         done.append(journal.name[1:-len(JOURNAL_SUFFIX)])
-    for model_dir in (p for p in repo.iterdir() if p.is_dir()) if repo.is_dir() else ():
-        for leftover in model_dir.glob(f".*{STAGING_SUFFIX}"):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    _discard(list(repo.glob(f"*/.*{STAGING_SUFFIX}")))
     return done
 
 
