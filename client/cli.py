@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Sequence
 
 from .frame_queue import DROP_POLICIES
-from .inspection import ENCODINGS, TRANSPORTS, InspectionClient
+from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .report import JsonlWriter, Progress, print_summary
 from .runner import MultiCameraRunner, RunOptions
 from .servers import NoServerReady, ServerPool, normalize_url
 from .sources import SourceError, SourceOptions, open_source, parse_camera
 
-EXIT_OK = 0
+EXIT_OK = 0  # every frame read was answered (or dropped by the drop policy) and no camera gave up
 EXIT_FAILED = 1  # could not start: no server ready, a source that cannot be opened, an output that cannot be written
 EXIT_USAGE = 2
+EXIT_ERRORS = 3  # finished, but errors or invalid scores were recorded, or a camera gave up (see the summary)
 EXIT_INTERRUPTED = 130  # stopped with Ctrl-C (the output is complete for every frame read)
 
 EXAMPLES = """\
@@ -38,10 +39,16 @@ examples:
   # same host as the server: raw frames through Triton system shared memory (no JPEG encode/decode)
   python -m client --url 127.0.0.1:8001 --transport shm --camera cam1=images/line1 --out results.jsonl
 
+  # IP cameras that may drop out: reopen a lost stream up to 10 times (backoff 0.5 s doubling to 10 s)
+  python -m client --url 127.0.0.1:8001 --camera gate=rtsp://10.0.0.21/stream1 --reconnect 10 --out gate.jsonl
+
 SOURCE is a folder of images, a video file, an rtsp:// or http(s):// stream (OpenCV), or
 synthetic:[texture=brick|grass|gravel][,size=PIXELS][,count=N][,defect_every=K][,seed=S].
-Every frame read gets exactly one line in --out: status "ok" (score, verdict, server, latency), "dropped"
-(drop_reason) or "error" (error). Exit status: 0 done, 1 could not start, 2 bad arguments, 130 Ctrl-C.
+Every frame read gets exactly one line in --out: status "ok" (score, verdict, server, latency), "invalid_score"
+(the server's score was not a number: verdict "anomalous"), "dropped" (drop_reason) or "error" (error). A lost
+stream adds a "gap" line when it is back, and a "gave_up" line when the camera gives up. --out is never replaced
+unless --overwrite. Exit status: 0 done, 1 could not start, 2 bad arguments, 3 done but errors or invalid scores
+were recorded or a camera gave up, 130 Ctrl-C.
 """
 
 
@@ -57,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="mrkd", help="ensemble name (default: %(default)s)")
     parser.add_argument("--camera", action="append", required=True, metavar="NAME=SOURCE",
                         help="a camera: NAME (letters, digits, _ . -) and its SOURCE; repeat for more cameras")
-    parser.add_argument("--out", required=True, type=Path, help="results file, one JSON line per frame")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="results file, one JSON line per frame; an existing file is refused (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     source = parser.add_argument_group("sources")
     source.add_argument("--loop", action="store_true", help="replay folders, video files and synthetic sequences")
@@ -65,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pace every camera at this frame rate, as a live camera (default: as fast as read)")
     source.add_argument("--max-frames", type=int, default=None, help="stop each camera after this many frames")
     source.add_argument("--duration", type=float, default=None, help="stop after this many seconds (as Ctrl-C)")
+    source.add_argument("--reconnect", type=int, default=0, metavar="N",
+                        help="reopen a lost stream up to N times, with backoff (0.5 s doubling to 10 s); each gap is "
+                             "a line in --out; a camera that cannot be brought back gives up (default: 0)")
 
     flow = parser.add_argument_group("requests")
     flow.add_argument("--max-in-flight", type=int, default=4, help="requests in flight per camera (default: 4)")
@@ -81,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     flow.add_argument("--raw-model", default=None,
                       help="raw-frame entry point for --transport raw/shm (default: MODEL_raw)")
     flow.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
+    flow.add_argument("--retry-timeout", type=float, default=DEFAULT_RETRY_TIMEOUT,
+                      help="seconds a frame waits for a ready server (after a server failed it, or while none is "
+                           "ready) before it is recorded as an error (default: %(default)s)")
     flow.add_argument("--probe-interval", type=float, default=1.0,
                       help="seconds between health checks of every server (default: %(default)s)")
     flow.add_argument("--wait-ready", type=float, default=30.0,
@@ -118,12 +133,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("timeout", "probe_interval", "progress_interval"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.retry_timeout < 0:
+        parser.error(f"--retry-timeout must not be negative, got {args.retry_timeout}")
+    if args.reconnect < 0:
+        parser.error(f"--reconnect must not be negative, got {args.reconnect}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    options = SourceOptions(loop=args.loop, fps=args.fps)
+    if not args.overwrite and args.out.is_file() and args.out.stat().st_size > 0:
+        print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose another --out",
+              file=sys.stderr)
+        return EXIT_FAILED
+    options = SourceOptions(loop=args.loop, fps=args.fps, reconnect=args.reconnect)
     try:
         cameras = [(name, open_source(spec, options)) for name, spec in args.camera]
     except SourceError as exc:
@@ -133,27 +156,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"camera {name}: {source.description}{' (live)' if source.live else ''}", file=sys.stderr)
 
     raw_model = args.raw_model or f"{args.model}_raw"
-    pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval)
+    pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval,
+                      probe_request_timeout=args.timeout)
+    # The client gives the pool its health probe (a real inference) before the first probe runs.
+    client = InspectionClient(
+        pool, args.model, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
+        raw_model=raw_model, want_map=args.save_heatmaps is not None, timeout=args.timeout,
+        retry_timeout=args.retry_timeout,
+    )
     try:
         ready = pool.wait_until_ready(args.wait_ready)
     except NoServerReady as exc:
+        client.close()
         pool.close()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"servers ready: {', '.join(s.url for s in ready)} of {len(pool.servers)}", file=sys.stderr)
     pool.start()
 
-    client = InspectionClient(
-        pool, args.model, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
-        raw_model=raw_model, want_map=args.save_heatmaps is not None, timeout=args.timeout,
-    )
     run_options = RunOptions(
         max_in_flight=args.max_in_flight, queue_size=args.queue_size, drop_policy=args.drop_policy,
         heatmap_dir=args.save_heatmaps, shutdown_timeout=args.shutdown_timeout, max_frames=args.max_frames,
-        duration=args.duration,
+        duration=args.duration, retry_timeout=args.retry_timeout,
     )
     try:
-        writer = JsonlWriter(args.out)
+        writer = JsonlWriter(args.out, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         client.close()
         pool.close()
@@ -187,4 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool.close()
     print_summary(summaries)
     print(f"{writer.lines} lines written to {args.out}", file=sys.stderr)
-    return EXIT_INTERRUPTED if interrupts else EXIT_OK
+    if interrupts:
+        return EXIT_INTERRUPTED
+    troubled = [s for s in summaries if s["errors"] or s["invalid"] or s["failure"]]
+    for s in troubled:
+        what = [f"{s['errors']} errors" if s["errors"] else "", f"{s['invalid']} invalid scores" if s["invalid"] else "",
+                f"gave up: {s['failure']}" if s["failure"] else ""]
+        print(f"camera {s['camera']}: {', '.join(w for w in what if w)}", file=sys.stderr)
+    return EXIT_ERRORS if troubled else EXIT_OK

@@ -70,6 +70,15 @@ class FrameQueue(Generic[T]):
             self._not_full.notify()
             return item
 
+    def get_if(self, predicate) -> T | None:
+        """Removes and returns the oldest queued frame if `predicate(frame)` is true, else None (no waiting)."""
+        with self._lock:
+            if self._items and predicate(self._items[0]):
+                item = self._items.popleft()
+                self._not_full.notify()
+                return item
+            return None
+
     def close(self) -> None:
         """No more puts; get() returns what is queued, then None."""
         with self._lock:

@@ -4,9 +4,20 @@ Per camera, a reader thread reads frames into a bounded FrameQueue and a dispatc
 most `max_in_flight` requests in flight: it takes a request slot first and only then the queued frame, so a live
 camera's queue keeps the freshest frames (policy `oldest`). Answers arrive on gRPC threads and are recorded there.
 
+No server ready: frames are not sent to be burned as errors. The dispatcher waits; the frames stay in the queue (a
+live camera drops by its policy when the queue is full, other sources pause reading) and frames already sent wait
+in the client to be resent (see inspection.py). Each frame waits at most `retry_timeout` seconds for a ready server
+(counted from when it was read, or from when the servers went away if that was later; for a sent frame, from its
+failure); a frame that waited longer is recorded as an error.
+
+A camera's live state (`CameraStats.state`, a `report.CameraState`): running, waiting_for_server, reconnecting (its
+stream was lost, see sources.py), stopped. Source events are lines of their own: a "gap" line when a lost stream
+came back, a "gave_up" line (with the reason) when a camera's source failed for good.
+
 Stopping (Ctrl-C, `duration`, `max_frames`): the readers stop reading, frames still queued are recorded as
 dropped ("stopped"), requests in flight are waited for up to `shutdown_timeout` seconds, and any still unanswered
-then are recorded as errors. So the output always holds exactly one line per frame read.
+then are recorded as errors. So the output always holds exactly one line per frame read, whatever the servers
+answered (a score that is not a number gets status "invalid_score", verdict "anomalous").
 """
 from __future__ import annotations
 
@@ -14,13 +25,23 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from .frame_queue import FrameQueue, QueueClosed
-from .inspection import InspectionClient, InspectionError, InspectionResult
-from .report import STATUS_DROPPED, STATUS_ERROR, STATUS_OK, CameraStats, JsonlWriter, save_heatmap_overlay
-from .sources import Frame, FrameSource
+from .inspection import DEFAULT_RETRY_TIMEOUT, InspectionClient, InspectionError, InspectionResult
+from .report import (
+    EVENT_GAP,
+    EVENT_GAVE_UP,
+    STATUS_DROPPED,
+    STATUS_ERROR,
+    CameraState,
+    CameraStats,
+    JsonlWriter,
+    save_heatmap_overlay,
+)
+from .sources import Frame, FrameSource, SourceError, SourceEvent
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 
@@ -34,6 +55,7 @@ class RunOptions:
     shutdown_timeout: float = 10.0
     max_frames: int | None = None  # per camera
     duration: float | None = None  # seconds, then stop as on Ctrl-C
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT  # seconds a frame may wait for a ready server
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -44,6 +66,8 @@ class RunOptions:
             raise ValueError(f"--max-frames must be at least 1, got {self.max_frames}")
         if self.duration is not None and self.duration <= 0:
             raise ValueError(f"--duration must be positive, got {self.duration}")
+        if self.retry_timeout < 0:
+            raise ValueError(f"--retry-timeout must not be negative, got {self.retry_timeout}")
 
 
 class _Camera:
@@ -54,8 +78,11 @@ class _Camera:
         self.slots = threading.Semaphore(options.max_in_flight)
         self.stats = CameraStats(name)
         self.pending: dict[int, Frame] = {}  # frames sent and not yet recorded, by index
+        self.recording = 0  # frames taken out of `pending` whose line and counts are being written
         self.pending_lock = threading.Condition()
         self.failure = ""  # why the source stopped early, if it did
+        self.reconnecting = False  # its stream is lost and being reopened
+        self.no_server_since: float | None = None  # monotonic: since when no server was ready for its frames
         self.threads: list[threading.Thread] = []
 
 
@@ -97,6 +124,7 @@ class MultiCameraRunner:
         deadline = time.monotonic() + self.options.duration if self.options.duration else None
         for camera in self.cameras:
             camera.stats.started = time.monotonic()
+            camera.stats.set_state(CameraState.RUNNING)
             for target, role in ((self._read, "reader"), (self._dispatch, "dispatcher")):
                 thread = threading.Thread(target=target, args=(camera,), name=f"{camera.name}-{role}", daemon=True)
                 camera.threads.append(thread)
@@ -113,22 +141,45 @@ class MultiCameraRunner:
         for camera in self.cameras:
             self._wait_in_flight(camera, time.monotonic() + self.options.shutdown_timeout)
             camera.stats.finished = time.monotonic()
+            camera.stats.set_state(CameraState.STOPPED)
             camera.source.close()
         return [c.stats.summary() for c in self.cameras]
 
     # -- threads -------------------------------------------------------------------------------------------------
     def _read(self, camera: _Camera) -> None:
         try:
-            for frame in camera.source.read(camera.name, self.stop_event):
+            for item in camera.source.read(camera.name, self.stop_event):
+                if isinstance(item, SourceEvent):
+                    self._source_event(camera, item)
+                    continue
+                frame = item
                 camera.stats.frame_read()
                 self._enqueue(camera, frame)
                 if self.options.max_frames is not None and frame.index + 1 >= self.options.max_frames:
                     break
-        except Exception as exc:  # the source broke (stream lost, codec error): this camera ends, others go on
-            camera.failure = f"{type(exc).__name__}: {exc}"
-            print(f"camera {camera.name}: source stopped: {camera.failure}", file=sys.stderr, flush=True)
+        except Exception as exc:  # the source broke (stream lost for good, codec error): this camera gives up
+            camera.failure = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+            print(f"camera {camera.name}: gave up: {camera.failure}", file=sys.stderr, flush=True)
+            camera.stats.gave_up(camera.failure)
+            self._record_event(camera, EVENT_GAVE_UP, time.time(), error=camera.failure,
+                               frames_read=camera.stats.read)
         finally:
+            camera.reconnecting = False
             camera.queue.close()
+
+    def _source_event(self, camera: _Camera, event: SourceEvent) -> None:
+        if event.kind == "reconnecting":
+            camera.reconnecting = True
+            camera.stats.set_state(CameraState.RECONNECTING)
+            print(f"camera {camera.name}: {event.reason}; reconnecting", file=sys.stderr, flush=True)
+        elif event.kind == "gap":
+            camera.reconnecting = False
+            camera.stats.gap()
+            camera.stats.set_state(CameraState.RUNNING)
+            print(f"camera {camera.name}: back after {event.seconds:.1f} s ({event.attempts} attempts)",
+                  file=sys.stderr, flush=True)
+            self._record_event(camera, EVENT_GAP, event.started, seconds=round(event.seconds, 3),
+                               attempts=event.attempts, reason=event.reason)
 
     def _enqueue(self, camera: _Camera, frame: Frame) -> None:
         if camera.source.live:
@@ -146,20 +197,63 @@ class MultiCameraRunner:
                 self._record_drop(camera, frame, "stopped before it was sent")
                 return
 
+    def _refresh_state(self, camera: _Camera, server_ready: bool) -> None:
+        if camera.reconnecting:
+            state = CameraState.RECONNECTING
+        elif not server_ready and (len(camera.queue) or camera.pending):
+            state = CameraState.WAITING_FOR_SERVER
+        else:
+            state = CameraState.RUNNING
+        camera.stats.set_state(state)
+
+    def _server_ready(self, camera: _Camera) -> bool:
+        """Whether a server is ready; keeps track of since when none is (for the frames' waits)."""
+        if self.client.pool.has_ready():
+            camera.no_server_since = None
+            return True
+        if camera.no_server_since is None:
+            camera.no_server_since = time.monotonic()
+        return False
+
+    def _waited_too_long(self, camera: _Camera, frame: Frame) -> bool:
+        """A queued frame's wait for a ready server is over (see the module docstring)."""
+        since = camera.no_server_since
+        if since is None:
+            return False
+        return time.monotonic() - max(frame.read_at, since) >= self.options.retry_timeout
+
+    def _expire_waiting(self, camera: _Camera) -> None:
+        """Records as errors the queued frames (oldest first) that waited `retry_timeout` s for a ready server."""
+        while (frame := camera.queue.get_if(lambda f: self._waited_too_long(camera, f))) is not None:
+            self._record(camera, frame, STATUS_ERROR, error=(
+                f"no server ready within {self.options.retry_timeout:g} s ({self.client.pool.last_errors()})"))
+
     def _dispatch(self, camera: _Camera) -> None:
         while not self.stop_event.is_set():
+            server_ready = self.client.pool.has_ready()
+            self._refresh_state(camera, server_ready)
             if not camera.slots.acquire(timeout=_POLL_S):
                 continue
-            frame = None
-            while frame is None and not self.stop_event.is_set():
-                frame = camera.queue.get(timeout=_POLL_S)
-                if frame is None and camera.queue.closed and len(camera.queue) == 0:
-                    camera.slots.release()
-                    return
+            if not self._server_ready(camera):
+                # Nothing is sent to be burned as an error: the frames wait in the queue (a live camera drops by
+                # its policy when it is full) until a server is ready, each for at most retry_timeout seconds.
+                camera.slots.release()
+                self._expire_waiting(camera)
+                if camera.queue.closed and len(camera.queue) == 0:
+                    break
+                self._refresh_state(camera, False)
+                self.client.pool.wait_for_ready(_POLL_S)
+                continue
+            frame = camera.queue.get(timeout=_POLL_S)
             if frame is None:
                 camera.slots.release()
-                return
+                if camera.queue.closed and len(camera.queue) == 0:
+                    break
+                continue
             self._send(camera, frame)
+        with camera.pending_lock:
+            if not camera.pending and camera.queue.closed:
+                camera.stats.set_state(CameraState.STOPPED)
 
     def _send(self, camera: _Camera, frame: Frame) -> None:
         if frame.image is None:
@@ -195,7 +289,8 @@ class MultiCameraRunner:
 
     def _wait_in_flight(self, camera: _Camera, deadline: float) -> None:
         with camera.pending_lock:
-            while camera.pending and not self.abort_event.is_set() and time.monotonic() < deadline:
+            while ((camera.pending or camera.recording) and not self.abort_event.is_set()
+                   and time.monotonic() < deadline):
                 camera.pending_lock.wait(min(_POLL_S, max(0.0, deadline - time.monotonic())))
             left = sorted(camera.pending)
         for index in left:
@@ -203,6 +298,9 @@ class MultiCameraRunner:
                 frame = camera.pending.get(index)
             if frame is not None:
                 self._record(camera, frame, STATUS_ERROR, sent=True, error="no answer before shutdown")
+        with camera.pending_lock:  # answers being written right now: their counts belong in the summary
+            while camera.recording:
+                camera.pending_lock.wait(_POLL_S)
 
     # -- recording -----------------------------------------------------------------------------------------------
     def _record_result(self, camera: _Camera, frame: Frame, result: InspectionResult) -> None:
@@ -215,10 +313,14 @@ class MultiCameraRunner:
                 ))
             except OSError as exc:
                 print(f"camera {camera.name}: cannot write heat map: {exc}", file=sys.stderr, flush=True)
+        fields: dict[str, Any] = {}
+        if not result.finite:
+            fields["error"] = (f"the server answered a score that is not a number (score {result.score}, raw score "
+                               f"{result.raw_score}): recorded as anomalous")
         self._record(
-            camera, frame, STATUS_OK, sent=True,
+            camera, frame, result.status, sent=True,
             server=result.server, latency_ms=round(result.latency_ms, 3), score=result.score,
-            raw_score=result.raw_score, verdict=result.verdict, attempts=result.attempts, heatmap=heatmap,
+            raw_score=result.raw_score, verdict=result.verdict, attempts=result.attempts, heatmap=heatmap, **fields,
         )
 
     def _record_drop(self, camera: _Camera, frame: Frame, reason: str) -> None:
@@ -231,7 +333,16 @@ class MultiCameraRunner:
             with camera.pending_lock:
                 if camera.pending.pop(frame.index, None) is None:
                     return
-                camera.pending_lock.notify_all()
+                camera.recording += 1
+        try:
+            self._write_record(camera, frame, status, fields)
+        finally:
+            if sent:
+                with camera.pending_lock:
+                    camera.recording -= 1
+                    camera.pending_lock.notify_all()
+
+    def _write_record(self, camera: _Camera, frame: Frame, status: str, fields: dict[str, Any]) -> None:
         record: dict[str, Any] = {
             "camera": camera.name,
             "frame": frame.index,
@@ -239,6 +350,17 @@ class MultiCameraRunner:
             "capture_time": frame.capture_time_iso,
             "status": status,
         }
-        record.update({k: v for k, v in fields.items() if v is not None})
-        self.writer.write(record)
+        record.update({k: v for k, v in fields.items() if v is not None})  # NaN stays, and is written as null
+        try:
+            self.writer.write(record)
+        except (TypeError, ValueError) as exc:  # the frame still gets its line, saying what could not be written
+            self.writer.write({**{k: record[k] for k in ("camera", "frame", "source", "capture_time")},
+                               "status": STATUS_ERROR, "error": f"the result could not be recorded: {exc}"})
+            status = STATUS_ERROR
         camera.stats.add(status, fields.get("latency_ms"), fields.get("verdict") == "anomalous")
+
+    def _record_event(self, camera: _Camera, event: str, when: float, **fields: Any) -> None:
+        """A line that is not a frame's: a source gap or a camera that gave up."""
+        record = {"camera": camera.name, "event": event, "status": event,
+                  "time": datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="milliseconds"), **fields}
+        self.writer.write(record)

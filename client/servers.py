@@ -1,10 +1,13 @@
 """The Triton servers a client may use, which of them are ready, and which one gets the next request.
 
-A server is *ready* when its gRPC health check says the server and the model are ready. Requests go to the ready
-server with the fewest requests in flight (ties in turn). A server whose request failed at the transport level, or
-whose health check fails, is marked not ready and gets no requests until a later probe finds it ready again; a
-background thread re-probes every server every `probe_interval` seconds (ready ones too, so a server that is
-shutting down is noticed before requests fail on it).
+A server is *ready* when its gRPC health check says the server and the model are ready and, when it was not ready
+before, a real inference (`probe_request`, one small image through the model) has just succeeded: a server whose
+model loads but fails every forward pass is not ready. Requests go to the ready server with the fewest requests in
+flight (ties in turn). A server whose request failed on the server's side (anything but a bad input: unreachable,
+timed out, INTERNAL, ...) or whose health check fails is marked not ready and gets no requests until a probe,
+inference included, passes again. Every server is probed every `probe_interval` seconds by its own thread (ready
+ones with the cheap health check only, so a server that is shutting down is noticed before requests fail on it),
+so one slow server never delays the others' probes.
 """
 from __future__ import annotations
 
@@ -12,11 +15,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import tritonclient.grpc as grpcclient
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+# probe_request(connection, timeout_s): one real inference; raises when it fails.
+ProbeRequest = Callable[[grpcclient.InferenceServerClient, float], None]
 
 
 class NoServerReady(RuntimeError):
@@ -43,10 +49,11 @@ class Server:
     ready: bool = False
     in_flight: int = 0
     requests: int = 0
-    failures: int = 0
+    failures: int = 0  # requests that failed on the server's side (each marked it not ready)
     last_error: str = ""
     last_probe: float = 0.0
     extra: dict = field(default_factory=dict)  # per-server state of transports (registered shared memory)
+    probe_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class ServerPool:
@@ -56,7 +63,11 @@ class ServerPool:
         model: str,
         probe_interval: float = 1.0,
         probe_timeout: float = 2.0,
+        probe_request: ProbeRequest | None = None,
+        probe_request_timeout: float = 30.0,
     ):
+        """probe_request: the real inference a server must pass to become ready (InspectionClient sets one on the
+        pool it uses when none is given); probe_request_timeout: its time limit."""
         if not urls:
             raise ValueError("at least one server URL is needed")
         normalized = [normalize_url(u) for u in urls]
@@ -65,46 +76,62 @@ class ServerPool:
         self.model = model
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.probe_request = probe_request
+        self.probe_request_timeout = probe_request_timeout
         self.servers = [Server(url, grpcclient.InferenceServerClient(url)) for url in normalized]
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._turn = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- health ------------------------------------------------------------------------------------------------
     def probe(self, server: Server) -> bool:
-        """One health check (server ready and model ready); updates and returns the server's readiness."""
-        try:
-            ready = bool(
-                server.connection.is_server_ready(client_timeout=self.probe_timeout)
-                and server.connection.is_model_ready(self.model, client_timeout=self.probe_timeout)
-            )
-            error = "" if ready else f"model {self.model!r} not ready"
-        except Exception as exc:  # any transport or server error means: not ready now
-            ready, error = False, _one_line(exc)
-        with self._lock:
-            server.ready = ready
-            server.last_probe = time.monotonic()
-            if error:
-                server.last_error = error
-            self._changed.notify_all()
-        return ready
+        """One health check; updates and returns the server's readiness. The gRPC server-ready and model-ready
+        checks always; for a server that is not ready, also a real inference (`probe_request`)."""
+        with server.probe_lock:
+            with self._lock:
+                was_ready = server.ready
+            try:
+                ready = bool(
+                    server.connection.is_server_ready(client_timeout=self.probe_timeout)
+                    and server.connection.is_model_ready(self.model, client_timeout=self.probe_timeout)
+                )
+                error = "" if ready else f"model {self.model!r} not ready"
+                if ready and not was_ready and self.probe_request is not None:
+                    try:
+                        self.probe_request(server.connection, self.probe_request_timeout)
+                    except Exception as exc:  # the model is loaded but cannot answer: not ready
+                        ready, error = False, f"probe inference failed: {_one_line(exc)}"
+            except Exception as exc:  # any transport or server error means: not ready now
+                ready, error = False, _one_line(exc)
+            with self._lock:
+                # A request that failed while this probe ran has the last word: it marked the server not ready.
+                failed_meanwhile = was_ready and not server.ready
+                server.ready = ready and not failed_meanwhile
+                server.last_probe = time.monotonic()
+                if error:
+                    server.last_error = error
+                self._changed.notify_all()
+            return server.ready
 
     def probe_all(self) -> list[Server]:
-        """Probes every server; returns the ready ones."""
+        """Probes every server (one after the other); returns the ready ones."""
         return [s for s in self.servers if self.probe(s)]
 
     def start(self) -> None:
-        """Probes once now, then every probe_interval seconds in a daemon thread."""
+        """Probes once now, then every probe_interval seconds, one daemon thread per server."""
         self.probe_all()
-        if self._thread is None and self.probe_interval > 0:
-            self._thread = threading.Thread(target=self._probe_loop, name="server-probe", daemon=True)
-            self._thread.start()
+        if not self._threads and self.probe_interval > 0:
+            for server in self.servers:
+                thread = threading.Thread(target=self._probe_loop, args=(server,), name=f"probe-{server.url}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
 
-    def _probe_loop(self) -> None:
+    def _probe_loop(self, server: Server) -> None:
         while not self._stop.wait(self.probe_interval):
-            self.probe_all()
+            self.probe(server)
 
     def wait_until_ready(self, timeout: float) -> list[Server]:
         """Waits until at least one server is ready; raises NoServerReady naming each server's last error."""
@@ -118,16 +145,33 @@ class ServerPool:
                 raise NoServerReady(f"no server is ready to serve model {self.model!r} after {timeout:g} s ({details})")
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
+    def wait_for_ready(self, timeout: float) -> bool:
+        """Blocks up to `timeout` s until some server is ready (the probe threads or a finished request change
+        that); returns whether one is."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not any(s.ready for s in self.servers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return False
+                self._changed.wait(remaining)
+            return True
+
+    def has_ready(self) -> bool:
+        with self._lock:
+            return any(s.ready for s in self.servers)
+
     # -- choosing ------------------------------------------------------------------------------------------------
     def acquire(self, exclude: Sequence[Server] = ()) -> Server | None:
         """The ready server (not in `exclude`) with the fewest requests in flight; counts the request on it.
-        When none is ready, servers not probed for `probe_interval` seconds (1 s without the background
-        thread) are probed now, so a pool without the thread (the load test) also finds a server back."""
+        When none is ready, servers not probed for `probe_interval` seconds (1 s without the probe threads) are
+        probed now, so a pool without the threads (the load test) also finds a server back."""
         server = self._pick(exclude)
         if server is None:
             stale_after = self.probe_interval if self.probe_interval > 0 else 1.0
             now = time.monotonic()
-            stale = [s for s in self.servers if s not in exclude and now - s.last_probe >= stale_after]
+            stale = [s for s in self.servers if s not in exclude and now - s.last_probe >= stale_after
+                     and not s.probe_lock.locked()]
             if any([self.probe(s) for s in stale]):
                 server = self._pick(exclude)
         return server
@@ -146,7 +190,8 @@ class ServerPool:
             return server
 
     def release(self, server: Server, failed: bool = False, error: str = "") -> None:
-        """Ends a request on `server`. failed=True marks it not ready until a probe finds it ready again."""
+        """Ends a request on `server`. failed=True marks it not ready until a probe (a real inference included)
+        passes again."""
         with self._lock:
             server.in_flight -= 1
             if failed:
@@ -159,11 +204,18 @@ class ServerPool:
         with self._lock:
             return [s for s in self.servers if s.ready]
 
+    def last_errors(self) -> str:
+        """'url: last error; ...' of the servers that are not ready (for error messages)."""
+        with self._lock:
+            return "; ".join(f"{s.url}: {s.last_error or 'not ready'}" for s in self.servers if not s.ready)
+
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.probe_timeout + self.probe_interval + 1)
-            self._thread = None
+        with self._changed:
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=self.probe_timeout * 2 + self.probe_interval + 1)
+        self._threads = []
         for server in self.servers:
             try:
                 server.connection.close()

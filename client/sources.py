@@ -4,6 +4,11 @@ Every source yields `Frame`s (RGB uint8 H x W x 3, numbered from 0 in the order 
 *live* when it produces frames at its own pace (a stream, or anything paced with `fps`): when the server cannot keep
 up, a live camera's frames are dropped by the queue's policy. A source that is not live (a folder or a video file
 read as fast as possible) is simply read more slowly when the queue is full: nothing is dropped.
+
+A stream that stops delivering frames is reopened with backoff (0.5 s, 1 s, 2 s, ... up to 10 s between attempts)
+when `SourceOptions.reconnect` allows attempts (the CLI's --reconnect N); `read()` then yields `SourceEvent`s
+besides frames: "reconnecting" when the stream is lost, "gap" when it is back (with how long it was away). A
+stream that cannot be brought back (or with reconnect 0) raises SourceError saying why: that camera gave up.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class Frame:
     capture_time: float  # seconds since the epoch, when the frame was read
     image: np.ndarray | None  # H x W x 3 uint8 RGB; None when the frame could not be read
     read_error: str = ""  # why the frame could not be read (an unreadable file in a folder)
+    read_at: float = field(default_factory=time.monotonic)  # monotonic clock, when the frame was read
 
     @property
     def capture_time_iso(self) -> str:
@@ -49,11 +55,30 @@ class Frame:
 class SourceOptions:
     loop: bool = False  # replay folders, video files and synthetic sequences forever (until stopped)
     fps: float | None = None  # pace frames at this rate; None = as fast as they can be read (streams: their rate)
+    reconnect: int = 0  # attempts to reopen a lost stream before the camera gives up (0: give up at once)
+    reconnect_delay: float = 0.5  # seconds before the first attempt; doubled after each failed one
+    reconnect_max_delay: float = 10.0
+
+
+@dataclass
+class SourceEvent:
+    """Not a frame: something that happened to the source. kind "reconnecting": the stream was lost (reason);
+    kind "gap": it is back after `seconds` and `attempts` reopen attempts (started: when it was lost, epoch s)."""
+
+    kind: str
+    started: float
+    reason: str
+    seconds: float = 0.0
+    attempts: int = 0
+
+    @property
+    def started_iso(self) -> str:
+        return datetime.fromtimestamp(self.started, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
 class FrameSource:
-    """Base class: `frames()` yields (source name, RGB image or the read error) pairs; `read()` numbers and paces
-    them."""
+    """Base class: `frames()` yields (source name, RGB image or the read error) pairs, and possibly SourceEvents;
+    `read()` numbers and paces the frames."""
 
     live: bool = False
     description: str = ""
@@ -61,18 +86,28 @@ class FrameSource:
     def __init__(self, options: SourceOptions):
         if options.fps is not None and options.fps <= 0:
             raise SourceError(f"--fps must be positive, got {options.fps}")
+        if options.reconnect < 0:
+            raise SourceError(f"--reconnect must not be negative, got {options.reconnect}")
         self.options = options
         self.live = self.live or options.fps is not None
+        self._stop = threading.Event()  # read()'s stop event: ends waits inside frames() (reconnect backoff)
 
-    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:
+    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError] | SourceEvent]:
         raise NotImplementedError
 
-    def read(self, camera: str, stop: threading.Event | None = None) -> Iterator[Frame]:
-        """Numbered frames, paced at `options.fps` if set; ends when the source ends or `stop` is set."""
+    def read(self, camera: str, stop: threading.Event | None = None) -> Iterator[Frame | SourceEvent]:
+        """Numbered frames, paced at `options.fps` if set, and the source's events; ends when the source ends or
+        `stop` is set; raises SourceError when the source gives up."""
         stop = stop or threading.Event()
+        self._stop = stop
         period = 1.0 / self.options.fps if self.options.fps else 0.0
         next_due = time.monotonic()
-        for index, (name, image) in enumerate(self.frames()):
+        index = 0
+        for item in self.frames():
+            if isinstance(item, SourceEvent):
+                yield item
+                continue
+            name, image = item
             if period:
                 # Sleep on the event so that a stop is seen at once; the schedule does not drift.
                 if stop.wait(max(0.0, next_due - time.monotonic())):
@@ -86,6 +121,7 @@ class FrameSource:
                 yield Frame(camera, index, name, time.time(), None, read_error=str(image))
             else:
                 yield Frame(camera, index, name, time.time(), image)
+            index += 1
 
     def close(self) -> None:
         pass
@@ -148,22 +184,58 @@ class VideoSource(FrameSource):
             raise SourceError(f"OpenCV cannot open {self.location} (missing codec, wrong URL, or not a video)")
         return capture
 
-    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError]]:
+    def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError] | SourceEvent]:
         position = 0
-        while True:
-            ok, bgr = self._capture.read()
+        attempts_used = 0  # reconnect attempts since the last frame read (a stream that comes back empty counts)
+        while not self._stop.is_set():
+            ok, bgr = self._capture.read() if self._capture is not None else (False, None)
             if not ok:
-                if self.options.loop and not self.is_stream and position > 0:
-                    self._capture.release()
-                    self._capture = self._open()
-                    position = 0
-                    continue
-                return
+                if not self.is_stream:
+                    if self.options.loop and position > 0:
+                        self._capture.release()
+                        self._capture = self._open()
+                        position = 0
+                        continue
+                    return  # the end of a video file
+                attempts_used = yield from self._reconnect(attempts_used)
+                continue
+            attempts_used = 0
             yield f"{self._label}#{position}", to_rgb(np.ascontiguousarray(bgr[:, :, ::-1]))
             position += 1
 
+    def _reconnect(self, attempts_used: int) -> Iterator[SourceEvent]:
+        """The stream stopped delivering frames: reopen it with backoff; returns the attempts used so far, or
+        raises SourceError (the camera gives up) when `options.reconnect` attempts did not bring it back."""
+        reason = "the stream stopped delivering frames"
+        lost_at, lost_wall = time.monotonic(), time.time()
+        allowed = self.options.reconnect
+        if attempts_used >= allowed:
+            detail = "--reconnect is 0" if allowed == 0 else f"gave up after {allowed} reconnect attempts"
+            raise SourceError(f"stream {self.location} lost ({reason}); {detail}")
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+        yield SourceEvent("reconnecting", lost_wall, reason)
+        delay = self.options.reconnect_delay
+        last_error = reason
+        while attempts_used < allowed:
+            if self._stop.wait(delay):
+                return attempts_used  # stopping: frames() ends
+            attempts_used += 1
+            try:
+                self._capture = self._open()
+            except SourceError as exc:
+                last_error = str(exc)
+                delay = min(delay * 2, self.options.reconnect_max_delay)
+                continue
+            yield SourceEvent("gap", lost_wall, reason, seconds=time.monotonic() - lost_at, attempts=attempts_used)
+            return attempts_used
+        raise SourceError(f"stream {self.location} lost ({reason}); gave up after {allowed} reconnect attempts over "
+                          f"{time.monotonic() - lost_at:.1f} s (last error: {last_error})")
+
     def close(self) -> None:
-        self._capture.release()
+        if self._capture is not None:
+            self._capture.release()
 
 
 @dataclass
@@ -276,14 +348,17 @@ def open_source(spec: str, options: SourceOptions | None = None) -> FrameSource:
     )
 
 
-_CAMERA_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CAMERA_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # matched entirely (fullmatch): no trailing newline
 
 
 def parse_camera(text: str) -> tuple[str, str]:
-    """'NAME=SOURCE' -> (name, source); the name is used in file names, so it is kept to [A-Za-z0-9_.-]."""
+    """'NAME=SOURCE' -> (name, source); the name is used in file and folder names, so it is kept to
+    [A-Za-z0-9_.-], matched entirely, and may not be '.' or '..'."""
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
         raise SourceError(f"--camera expects NAME=SOURCE, got {text!r}")
-    if not _CAMERA_NAME.match(name):
+    if not _CAMERA_NAME.fullmatch(name):
         raise SourceError(f"camera name {name!r} may only use letters, digits, '_', '.' and '-'")
+    if name in (".", ".."):
+        raise SourceError(f"camera name {name!r} is not allowed (it names a folder: heat maps go to DIR/<camera>/)")
     return name, source

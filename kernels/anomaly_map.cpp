@@ -21,6 +21,10 @@ void check_anomaly_map_inputs(at::TensorList teacher, at::TensorList student, at
   TORCH_CHECK(out_size[0] > 0 && out_size[1] > 0, "anomaly_map: out_size must be positive, got (", out_size[0],
               ", ", out_size[1], ")");
   TORCH_CHECK(std::isfinite(sigma) && sigma >= 0.0, "anomaly_map: sigma must be finite and >= 0, got ", sigma);
+  // In double, before any conversion to an integer: a huge sigma must not overflow the radius.
+  const double radius = kGaussianTruncate * sigma + 0.5;
+  TORCH_CHECK(radius <= static_cast<double>(kMaxBlurRadius), "anomaly_map: sigma ", sigma,
+              " needs a blur radius of ", radius, " pixels, more than the supported ", kMaxBlurRadius);
   const at::Tensor& first = teacher[0];
   TORCH_CHECK(first.dim() == 4, "anomaly_map: teacher[0] must be 4-D (B, C, H, W), got ", first.dim(), "-D");
   const int64_t batch = first.size(0);

@@ -1,6 +1,9 @@
 // Fused anomaly map: per-scale cosine distance, bilinear upsample (align_corners=True), sum over scales,
 // Gaussian blur (scipy "reflect" border, truncated at 4 sigma), max per image.
 // One registered operator, torch.ops.mrkd.anomaly_map, with a CPU kernel (cpu/) and a CUDA kernel (cuda/).
+// A NaN or infinite feature value anywhere in an image (teacher or student, any scale) makes its score NaN: such a
+// value always gives a NaN cosine distance at its pixel, and both kernels flag the image when they compute it, so
+// even a pixel that the bilinear step never reads is seen. The map holds NaN wherever the bad value reaches.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +22,9 @@ using AnomalyMapResult = std::tuple<at::Tensor, at::Tensor>;
 constexpr double kCosineEps = 1e-8;
 // scipy.ndimage.gaussian_filter(truncate=4.0)
 constexpr double kGaussianTruncate = 4.0;
+// Largest blur radius (pixels) the kernels take; a larger sigma is refused by check_anomaly_map_inputs (radius
+// and 2 * radius + out_size must stay far inside int, which the CUDA kernel indexes with). Same as mrkd/ops.py.
+constexpr int64_t kMaxBlurRadius = int64_t{1} << 20;
 
 namespace detail {
 
@@ -37,7 +43,8 @@ struct ScaleFeatures {
 };
 ScaleFeatures normalize_layout(const at::Tensor& teacher, const at::Tensor& student);
 
-// radius = int(4 * sigma + 0.5) like scipy; 0 when sigma == 0 (no blur).
+// radius = int(4 * sigma + 0.5) like scipy; 0 when sigma == 0 (no blur). Callers check the inputs first (sigma
+// finite, radius <= kMaxBlurRadius).
 int64_t gaussian_radius(double sigma);
 // Normalised 1-D Gaussian of 2 * radius + 1 taps (computed in double like scipy); {1} when sigma == 0.
 std::vector<float> gaussian_weights(double sigma);

@@ -105,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("[4/5] tritonserver ready at %s (models: %s)", server.grpc_url, ", ".join(server.models))
         log.info("[5/5] streaming %d held-out cells through %d cameras", sum(len(l) for _, l in feeds.values()),
                  len(feeds))
-        command = [sys.executable, "-m", "client", "--url", server.grpc_url, "--model", "mrkd",
-                   "--out", str(results), "--save-heatmaps", str(out / "heatmaps")]
+        command = [sys.executable, "-m", "client", "--url", server.grpc_url, "--model", "mrkd",  # a rerun replaces
+                   "--out", str(results), "--overwrite", "--save-heatmaps", str(out / "heatmaps")]  # its results
         for name, (folder, _) in feeds.items():
             command += ["--camera", f"{name}={folder}"]
         client_rc = subprocess.call(command)

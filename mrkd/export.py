@@ -12,10 +12,12 @@ Naming: product NAME (default "mrkd") owns six models in the repository:
   NAME_detector           python: teacher + bottleneck + student + fused anomaly map (dynamic batching)
   NAME_postprocess        python: calibration -> SCORE, IS_ANOMALOUS, ANOMALY_MAP
 Both ensembles answer SCORE (FP32 [1]), RAW_SCORE (FP32 [1]), IS_ANOMALOUS (BOOL [1]) and ANOMALY_MAP ([M, M],
-FP16 or UINT8 with 255 = 1.0). Every model of a product gets the same version number; the version folder of
-NAME_detector holds the checkpoint, that of NAME_postprocess its calibration. model.py files are one-line imports of
-mrkd.triton.models, so the code lives once, in the package. Each version folder is written under a temporary name and
-renamed into place, so a running server never sees half an export.
+FP16 or UINT8 with 255 = 1.0). The version folder of NAME_detector holds the checkpoint, that of NAME_postprocess
+its calibration. model.py files are one-line imports of mrkd.triton.models, so the code lives once, in the package.
+
+One export is one version of all six models, every config pinned to it, published all at once after everything was
+written and synced: a failed or interrupted export leaves the previous version served whole, and two exports at the
+same time get two versions (mrkd/triton/repository.py says how).
 """
 from __future__ import annotations
 

@@ -2,6 +2,10 @@
 
 `anomaly_map` runs the fused C++/CUDA operator `torch.ops.mrkd.anomaly_map` (kernels/, built as `mrkd._C`);
 `anomaly_map_reference` is the same computation in plain PyTorch.
+
+Non-finite features: a NaN or an infinity anywhere in an image's teacher or student features makes that image's
+score NaN (in both implementations), even where the bilinear step never reads the bad pixel; the map holds NaN
+wherever the bad value reaches. A NaN score is never "normal": see `runtime.calibration.Calibration.is_anomalous`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ except ImportError as exc:  # the extension is not built: plain-PyTorch fallback
 
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default: each norm is clamped to >= eps
 GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
+MAX_BLUR_RADIUS = 1 << 20  # pixels; the kernels' limit (kernels/anomaly_map.h kMaxBlurRadius), sigma up to ~262144
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _fallback_warned = False
@@ -48,6 +53,11 @@ def _validate(
         raise ValueError(f"out_size must be positive, got ({height}, {width})")
     if not math.isfinite(float(sigma)) or float(sigma) < 0:
         raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    if GAUSSIAN_TRUNCATE * float(sigma) + 0.5 > MAX_BLUR_RADIUS:
+        raise ValueError(
+            f"sigma {sigma:g} needs a blur radius of {GAUSSIAN_TRUNCATE * float(sigma) + 0.5:.0f} pixels, more than "
+            f"the supported {MAX_BLUR_RADIUS}"
+        )
     first = teacher[0]
     for k, (t, s) in enumerate(zip(teacher, student)):
         for name, x in (("teacher", t), ("student", s)):
@@ -105,27 +115,47 @@ def reflect_pad(maps: torch.Tensor, radius: int, dims: Sequence[int] = (-2, -1))
 
 def gaussian_blur_reference(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [B, 1, H, W] float32 maps, equal to scipy.ndimage.gaussian_filter(
-    mode="reflect", truncate=4) per image."""
+    mode="reflect", truncate=4) per image.
+
+    Plain float32 multiply-adds of shifted slices, on purpose not conv2d: on CUDA, cuDNN runs float32
+    convolutions in TF32 by default (about 1e-3 off), and this is what the kernels are checked against."""
     radius = gaussian_radius(sigma)
     if radius == 0:
         return maps
-    kernel = gaussian_kernel1d(sigma, maps.device)
-    padded = reflect_pad(maps, radius)
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1))
+    weights = gaussian_kernel1d(sigma).tolist()
+    for dim in (-1, -2):
+        size = maps.shape[dim]
+        padded = reflect_pad(maps, radius, dims=(dim,))
+        blurred = padded.narrow(dim, 0, size) * weights[0]
+        for k in range(1, 2 * radius + 1):
+            blurred.add_(padded.narrow(dim, k, size), alpha=weights[k])
+        maps = blurred
+    return maps
 
 
 def _distance_sum(
     teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: tuple[int, int]
 ) -> torch.Tensor:
     """Sum over scales of the upsampled (align_corners=True) 1 - cosine similarity, [B, 1, H, W] float32."""
+    return _distances(teacher, student, out_size)[0]
+
+
+def _distances(
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(_distance_sum, [B] bool: the image has a non-finite cosine distance at some feature pixel of some scale).
+
+    A NaN or infinite feature value always gives a NaN distance at its pixel (inf / inf, inf * 0, inf - inf)."""
     total = None
+    invalid = None
     for t, s in zip(teacher, student):
         distance = 1.0 - F.cosine_similarity(t.float(), s.float(), dim=1, eps=COSINE_EPS)
+        bad = ~torch.isfinite(distance).flatten(1).all(dim=1)
+        invalid = bad if invalid is None else invalid | bad
         upsampled = F.interpolate(distance.unsqueeze(1), size=out_size, mode="bilinear", align_corners=True)
         total = upsampled if total is None else total + upsampled
-    assert total is not None
-    return total
+    assert total is not None and invalid is not None
+    return total, invalid
 
 
 @torch.no_grad()
@@ -135,10 +165,13 @@ def anomaly_map_reference(
     out_size: tuple[int, int],
     sigma: float = 4.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32)."""
+    """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
+    non-finite feature value)."""
     size = _validate(teacher, student, out_size, sigma)
-    maps = gaussian_blur_reference(_distance_sum(teacher, student, size), float(sigma)).contiguous()
-    return maps, maps.flatten(1).amax(dim=1)
+    summed, invalid = _distances(teacher, student, size)
+    maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
+    scores = maps.flatten(1).amax(dim=1)
+    return maps, scores.masked_fill(invalid, float("nan"))
 
 
 @torch.no_grad()
@@ -152,6 +185,7 @@ def anomaly_map(
 
     Per scale 1 - cosine similarity over channels, bilinear upsampling (align_corners=True) to out_size, sum
     over scales, Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect" border; sigma 0 = none), max.
+    An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
     height, width = _validate(teacher, student, out_size, sigma)

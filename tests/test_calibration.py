@@ -43,3 +43,13 @@ def test_bad_calibration_input():
 def test_dict_roundtrip():
     cal = Calibration(threshold=0.4, low=0.1)
     assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_non_finite_raw_score_is_anomalous_never_normal():
+    """A NaN or infinite raw score (a bad feature value) must never pass as "normal"."""
+    cal = Calibration(threshold=0.4, low=0.1)
+    raw = np.array([np.nan, -np.inf, np.inf, 0.2, 0.5], np.float32)
+    np.testing.assert_array_equal(cal.is_anomalous(raw), [True, True, True, False, True])
+    np.testing.assert_array_equal(cal.is_anomalous(torch.from_numpy(raw)).numpy(), [True, True, True, False, True])
+    # the normalised score does not hide it either: NaN stays NaN (not clipped to 0, which reads as "normal")
+    assert np.isnan(cal.normalize(raw)[0]) and torch.isnan(cal.normalize(torch.from_numpy(raw))[0])

@@ -25,6 +25,7 @@ from client.sources import (
     parse_synthetic,
 )
 from client.cli import build_parser, parse_args
+from helpers import start_serve, tritonserver_of
 from mrkd.core.preprocess import decode_image, load_image
 from mrkd.triton.launcher import free_port
 
@@ -299,7 +300,7 @@ def test_camera_stats_summarise_what_was_recorded():
     summary = stats.summary()
     assert (summary["read"], summary["answered"], summary["anomalous"], summary["dropped"], summary["errors"]) == (
         6, 4, 2, 1, 1)
-    assert summary["p50_ms"] == pytest.approx(25.0)
+    assert summary["p50_ms"] == pytest.approx(25.0, rel=0.01)  # a 1 %-bucket histogram, not a list of every frame
     assert 30.0 < summary["p99_ms"] <= 40.0
     assert "cam" in format_summary([summary]).splitlines()[2]
 
@@ -372,6 +373,22 @@ def detector(served_model):
     from mrkd.runtime.detector import Detector
 
     return Detector.load(served_model.checkpoint)
+
+
+def wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Polls `condition` every 50 ms; AssertionError naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def answered_by(out: Path, url: str, after: int = 0) -> int:
+    """Lines of the results file `out`, from line `after` on, answered by the server `url`."""
+    return sum(1 for r in read_jsonl(out)[after:] if r.get("server") == url)
 
 
 def records_by_frame(records: list[dict]) -> dict[tuple[str, int], dict]:
@@ -504,36 +521,23 @@ def test_failover_between_two_real_servers_loses_no_frame(served_model, tmp_path
         phases: dict[str, int] = {}
         failure: list[BaseException] = []
 
-        def answered_by(url: str, after: int = 0) -> int:
-            return sum(1 for r in read_jsonl(out)[after:] if r.get("server") == url)
-
-        def wait_for(condition, what: str, timeout: float = 120.0) -> None:
-            deadline = threading.Event()
-            timer = threading.Timer(timeout, deadline.set)
-            timer.start()
-            try:
-                while not condition():
-                    if deadline.wait(0.05):
-                        raise AssertionError(f"timed out waiting for {what}")
-            finally:
-                timer.cancel()
-
         def control() -> None:
             try:
                 admin = server_b.grpc_url
                 import tritonclient.grpc as grpcclient
 
                 with grpcclient.InferenceServerClient(admin) as b:
-                    wait_for(lambda: answered_by(server_b.grpc_url) >= 2, "B to answer")
+                    wait_for(lambda: answered_by(out, server_b.grpc_url) >= 2, "B to answer")
                     b.unload_model(served_model.model_name)
                     wait_for(lambda: not pool.servers[1].ready, "the pool to mark B not ready")
                     phases["unloaded"] = writer.lines
-                    wait_for(lambda: answered_by(served_model.grpc_url, phases["unloaded"]) >= 4, "A alone")
-                    phases["b_during_unload"] = answered_by(server_b.grpc_url, phases["unloaded"])
+                    wait_for(lambda: answered_by(out, served_model.grpc_url, phases["unloaded"]) >= 4, "A alone")
+                    phases["b_during_unload"] = answered_by(out, server_b.grpc_url, phases["unloaded"])
                     b.load_model(served_model.model_name)
                     wait_for(lambda: pool.servers[1].ready, "the pool to re-admit B")
                     phases["reloaded"] = writer.lines
-                    wait_for(lambda: answered_by(server_b.grpc_url, phases["reloaded"]) >= 2, "B to answer again")
+                    wait_for(lambda: answered_by(out, server_b.grpc_url, phases["reloaded"]) >= 2,
+                             "B to answer again")
                 server_b.stop()  # SIGTERM in the middle of the run, requests in flight
                 phases["stopped"] = writer.lines
                 wait_for(lambda: not pool.servers[1].ready, "the pool to drop the stopped B")
@@ -615,3 +619,351 @@ def test_image_files_lists_a_folders_images_in_name_order(image_folder: Path, tm
     empty.mkdir()
     with pytest.raises(SourceError, match="no images"):
         image_files(empty)
+
+
+# ---------------------------------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("name", ["cam\n", "cam\r", ".", "..", "line/1", ""])
+def test_camera_names_must_match_entirely_and_are_never_dot_or_dotdot(name):
+    """A camera name becomes a folder of heat maps: a trailing newline or '..' must not get through."""
+    with pytest.raises(SourceError):
+        parse_camera(f"{name}=synthetic:")
+
+
+def test_camera_stats_memory_is_bounded_and_fps_is_not_capped(monkeypatch):
+    """Latencies go into a fixed-size histogram, not a list that grows with the run; the progress line counts every
+    answer of the last seconds (it showed at most ~100 fps per camera)."""
+    import client.report as report
+
+    now = {"t": 1000.0}
+    monkeypatch.setattr(report.time, "monotonic", lambda: now["t"])
+    stats = CameraStats("cam")
+    stats.started = now["t"]
+    rng = np.random.default_rng(0)
+    latencies = rng.lognormal(mean=3.5, sigma=0.6, size=200_000)
+    for i, latency in enumerate(latencies):
+        now["t"] = 1000.0 + 5.0 * i / len(latencies)  # 200,000 answers in 5 s: 40,000 per second
+        stats.frame_read()
+        stats.add("ok", float(latency))
+    now["t"] = 1005.0
+    snapshot = stats.snapshot()
+    assert snapshot["fps"] == pytest.approx(40_000, rel=0.01)
+    summary = stats.summary()
+    for q in (50, 95, 99):
+        assert summary[f"p{q}_ms"] == pytest.approx(np.percentile(latencies, q), rel=0.01)
+    assert snapshot["p50_ms"] == pytest.approx(np.percentile(latencies, 50), rel=0.01)
+    held = [v for v in vars(stats).values() if isinstance(v, (list, tuple, dict)) or hasattr(v, "__len__")]
+    assert all(len(v) <= 10_000 for v in held if not isinstance(v, str)), "a per-frame list grows with the run"
+
+
+def _cli(args: list[str], capsys=None) -> int:
+    from client.cli import main
+
+    return main([*args, "--progress", "none"])
+
+
+def test_out_is_refused_when_it_exists_unless_overwrite(served_model, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    base = ["--url", served_model.grpc_url, "--camera", "a=synthetic:size=64,count=3", "--out", str(out)]
+    assert _cli(base) == 0
+    first = out.read_text()
+    assert len(first.splitlines()) == 3
+    capsys.readouterr()
+    assert _cli(base) == 1  # a rerun must not wipe the results of the previous run
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == first
+    assert _cli([*base, "--overwrite"]) == 0
+    assert len(read_jsonl(out)) == 3
+
+
+def test_a_run_that_recorded_errors_exits_nonzero(served_model, image_folder, tmp_path):
+    (image_folder / "frame_03.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "results.jsonl"
+    code = _cli(["--url", served_model.grpc_url, "--camera", f"cam={image_folder}", "--out", str(out)])
+    records = read_jsonl(out)
+    assert len(records) == 8 and sum(r["status"] == "error" for r in records) == 1
+    assert code == 3
+
+
+def test_a_non_finite_score_is_anomalous_with_status_invalid_score_and_every_frame_gets_its_line(
+        faulty_served_model, tmp_path):
+    out = tmp_path / "results.jsonl"
+    faulty_served_model.set_fault("nan")
+    try:
+        code = _cli(["--url", faulty_served_model.grpc_url, "--camera", "a=synthetic:size=64,count=5",
+                     "--out", str(out)])
+    finally:
+        faulty_served_model.set_fault(None)
+    records = read_jsonl(out)
+    assert len(records) == 5, records
+    for record in records:
+        assert record["status"] == "invalid_score" and record["verdict"] == "anomalous", record
+        assert record["score"] is None and record["raw_score"] is None
+    assert code == 3
+
+
+def test_a_server_side_failure_is_retried_elsewhere_and_the_failing_server_avoided_until_a_real_inference_passes(
+        served_model, faulty_served_model, tmp_path):
+    """B starts failing every forward pass (INTERNAL) in the middle of the run: its frames are answered by A, B gets
+    no request while it fails (its probes run a real inference, which fails), and it is used again once healed."""
+    from client.runner import MultiCameraRunner, RunOptions
+
+    cells = elpv_images()
+    release = threading.Event()
+    sources = [(name, GatedFolderSource(copy_cells(tmp_path / name, cells[k * 6:(k + 1) * 6]), release))
+               for k, name in enumerate(("c1", "c2"))]
+    out = tmp_path / "results.jsonl"
+    a, b = served_model.grpc_url, faulty_served_model.grpc_url
+    pool = ServerPool([a, b], served_model.model_name, probe_interval=0.2)
+    client = InspectionClient(pool, served_model.model_name)  # the client gives the pool its inference probe
+    pool.start()
+    writer = JsonlWriter(out)
+    runner = MultiCameraRunner(sources, client, writer, RunOptions(max_in_flight=2))
+    phases: dict[str, int] = {}
+    failure: list[BaseException] = []
+
+    def control() -> None:
+        import time
+
+        try:
+            wait_for(lambda: answered_by(out, b) >= 2, "B to answer")
+            faulty_served_model.set_fault("fail")
+            phases["failing"] = writer.lines
+            wait_for(lambda: not pool.servers[1].ready, "the pool to mark B not ready")
+            wait_for(lambda: answered_by(out, a, phases["failing"]) >= 8, "A to answer alone")
+            time.sleep(1.0)  # several probe intervals: B's inference probes fail, it stays out
+            assert not pool.servers[1].ready
+            phases["healed"] = writer.lines
+            faulty_served_model.set_fault(None)
+            wait_for(lambda: pool.servers[1].ready, "the pool to re-admit B")
+            wait_for(lambda: answered_by(out, b, phases["healed"]) >= 2, "B to answer again")
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            faulty_served_model.set_fault(None)
+            release.set()
+
+    controller = threading.Thread(target=control)
+    controller.start()
+    try:
+        runner.run()
+    finally:
+        controller.join()
+        writer.close()
+        client.close()
+        pool.close()
+    if failure:
+        raise failure[0]
+    records = read_jsonl(out)
+    records_by_frame(records)
+    assert all(r["status"] == "ok" for r in records), [r for r in records if r["status"] != "ok"]
+    failing = records[phases["failing"]:phases["healed"]]
+    on_b = [r for r in failing if r["server"] == b]
+    assert len(on_b) <= 2 * 2, on_b  # at most the requests that were already in flight on B
+    retried = [r for r in failing if r["attempts"] > 1]
+    assert retried and all(r["server"] == a for r in retried)
+    assert pool.servers[1].failures >= 1
+
+
+def test_a_bad_input_is_never_retried(served_model, faulty_served_model):
+    from client.inspection import InspectionError
+
+    with InspectionClient([served_model.grpc_url, faulty_served_model.grpc_url], served_model.model_name,
+                          wait_ready=30) as client:
+        for _ in range(4):
+            with pytest.raises(InspectionError) as info:
+                client.infer(b"these bytes are no image")
+            assert info.value.attempts == 1
+        assert len(client.pool.ready_servers()) == 2
+
+
+def test_camera_state_is_explicit_waiting_for_server_then_stopped(tmp_path):
+    """No server is ready: a live camera's frames wait in its queue (state waiting_for_server), nothing is sent and
+    burned as an error; when the run stops they are recorded as dropped."""
+    from client.report import CameraState
+    from client.runner import MultiCameraRunner, RunOptions
+
+    url = f"127.0.0.1:{free_port()}"
+    pool = ServerPool([url], "mrkd", probe_interval=0.2, probe_timeout=0.2)
+    client = InspectionClient(pool, "mrkd")
+    source = open_source("synthetic:size=32,count=1000", SourceOptions(loop=True, fps=20))
+    writer = JsonlWriter(tmp_path / "results.jsonl")
+    runner = MultiCameraRunner([("cam", source)], client, writer, RunOptions(queue_size=100, shutdown_timeout=1))
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while runner.stats[0].state != CameraState.WAITING_FOR_SERVER and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runner.stats[0].state == CameraState.WAITING_FOR_SERVER
+        assert runner.stats[0].snapshot()["state"] == "waiting_for_server"
+        time.sleep(1.0)
+        assert runner.stats[0].errors == 0
+    finally:
+        runner.stop()
+        thread.join(30)
+        writer.close()
+        client.close()
+        pool.close()
+    assert runner.stats[0].state == CameraState.STOPPED
+    records = read_jsonl(tmp_path / "results.jsonl")
+    assert records and all(r["status"] == "dropped" for r in records)
+
+
+def test_a_frame_waits_for_a_server_at_most_retry_timeout(tmp_path):
+    """With no server at all, frames wait (nothing is burned at once) and each one is recorded as an error once it
+    waited --retry-timeout seconds; the run still ends with one line per frame read."""
+    from client.runner import MultiCameraRunner, RunOptions
+
+    url = f"127.0.0.1:{free_port()}"
+    pool = ServerPool([url], "mrkd", probe_interval=0.2, probe_timeout=0.2)
+    client = InspectionClient(pool, "mrkd", retry_timeout=1.5)
+    source = open_source("synthetic:size=32,count=6", SourceOptions(fps=10))
+    writer = JsonlWriter(tmp_path / "results.jsonl")
+    runner = MultiCameraRunner([("cam", source)], client, writer, RunOptions(queue_size=100, retry_timeout=1.5))
+    import time
+
+    started = time.monotonic()
+    try:
+        runner.run()
+    finally:
+        writer.close()
+        client.close()
+        pool.close()
+    records = read_jsonl(tmp_path / "results.jsonl")
+    assert sorted(r["frame"] for r in records) == list(range(6))
+    assert all(r["status"] == "error" and "no server ready within 1.5 s" in r["error"] for r in records), records
+    assert time.monotonic() - started >= 1.5 + 0.5  # the last frame was read ~0.5 s in and waited its 1.5 s
+    assert runner.stats[0].errors == 6
+
+
+class MjpegStreamServer:
+    """A real MJPEG-over-HTTP camera on loopback (what OpenCV reads from IP cameras): each connection gets
+    `frames_per_connection` JPEG frames and is then closed; after `connections` connections it stops listening."""
+
+    def __init__(self, frames: list[np.ndarray], frames_per_connection: int, connections: int):
+        import http.server
+        import socketserver
+
+        self.frames, self.per_connection, self.connections = frames, frames_per_connection, connections
+        self.served = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                import time
+
+                outer.served += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for i in range(outer.per_connection):
+                    data = encode_image(outer.frames[i % len(outer.frames)], "jpeg", 90)
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
+                                     + data + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+                if outer.served >= outer.connections:
+                    threading.Thread(target=outer.close).start()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_lost_stream_reconnects_with_backoff_records_each_gap_and_then_gives_up(served_model, tmp_path):
+    frames = [load_image(p) for p in elpv_images()[:4]]
+    camera = MjpegStreamServer(frames, frames_per_connection=4, connections=3)
+    out = tmp_path / "results.jsonl"
+    try:
+        code = _cli(["--url", served_model.grpc_url, "--camera", f"ip={camera.url}", "--reconnect", "3",
+                     "--out", str(out)])
+    finally:
+        camera.close()
+    records = read_jsonl(out)
+    frames_lines = [r for r in records if "frame" in r]
+    events = [r for r in records if "event" in r]
+    assert len(frames_lines) == 12 and all(r["status"] == "ok" for r in frames_lines)
+    assert sorted(r["frame"] for r in frames_lines) == list(range(12))
+    gaps = [r for r in events if r["event"] == "gap"]
+    gave_up = [r for r in events if r["event"] == "gave_up"]
+    assert len(gaps) == 2 and all(r["seconds"] > 0 and r["attempts"] >= 1 for r in gaps), events
+    assert len(gave_up) == 1 and "3 reconnect attempts" in gave_up[0]["error"], events
+    assert code == 3
+
+
+def test_without_reconnect_a_lost_stream_is_a_camera_that_gave_up(served_model, tmp_path):
+    frames = [load_image(p) for p in elpv_images()[:2]]
+    camera = MjpegStreamServer(frames, frames_per_connection=3, connections=1)
+    out = tmp_path / "results.jsonl"
+    try:
+        code = _cli(["--url", served_model.grpc_url, "--camera", f"ip={camera.url}", "--out", str(out)])
+    finally:
+        camera.close()
+    records = read_jsonl(out)
+    assert [r["status"] for r in records if "frame" in r] == ["ok"] * 3
+    assert [r["event"] for r in records if "event" in r] == ["gave_up"]
+    assert code == 3
+
+
+def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoint, tmp_path):
+    """The issue's scenario, shortened: a live camera (2 frames/s), the only tritonserver SIGKILLed a few seconds
+    in and restarted on the same ports 8 s later (longer than the 4 s request timeout). Every frame is answered,
+    none is burned as an error, the client exits 0; the launcher whose server was killed exits 1 at once.
+    (--retry-timeout 300: a restart takes 20 s on an idle 2-core machine but over a minute on a busy CI runner;
+    benchmarks/server_restart.py measures the full scenario with the default 60 s.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mrkd.triton.repository import ExportOptions, export
+
+    repo = tmp_path / "repo"
+    models = export(tiny_checkpoint, repo, ExportOptions(name="mrkd", map_size=32)).models
+    for role in ("raw_ensemble", "frame_preprocess"):
+        shutil.rmtree(repo / models[role])
+    ports = (free_port(), free_port(), free_port())
+    out = tmp_path / "results.jsonl"
+    first = start_serve(repo, ports, tmp_path / "server1.log")
+    second = None
+    client = subprocess.Popen(
+        [sys.executable, "-m", "client", "--url", f"127.0.0.1:{ports[0]}", "--camera", "cam=synthetic:size=64,count=24",
+         "--fps", "2", "--queue-size", "100", "--timeout", "4", "--probe-interval", "0.5", "--retry-timeout", "300",
+         "--out", str(out), "--progress", "none"], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and sum(r["status"] == "ok" for r in read_jsonl(out)) >= 3):
+            assert time.monotonic() < deadline and client.poll() is None, "the client answered nothing"
+            time.sleep(0.1)
+        killed = time.monotonic()
+        os.kill(tritonserver_of(first.pid), signal.SIGKILL)
+        assert first.wait(timeout=15) == 1 and time.monotonic() - killed < 10
+        time.sleep(8)
+        second = start_serve(repo, ports, tmp_path / "server2.log")
+        _, stderr = client.communicate(timeout=180)
+        records = read_jsonl(out)
+        keyed = records_by_frame(records)
+        assert sorted(i for _, i in keyed) == list(range(24))
+        assert [r for r in records if r["status"] != "ok"] == [], (stderr, [r for r in records if r["status"] != "ok"])
+        assert client.returncode == 0, stderr
+    finally:
+        for process in (client, first, second):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()

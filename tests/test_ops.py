@@ -303,3 +303,132 @@ def test_cuda_edge_shapes_match_cpu(shapes, out_size, sigma):
     assert max_error(gpu_scores, cpu_scores) <= FP32_TOL
     ref_maps, _ = ops.anomaly_map_reference([t.cuda() for t in teacher], [s.cuda() for s in student], out_size, sigma)
     assert max_error(gpu_maps, ref_maps) <= FP32_TOL
+
+
+# --- non-finite features and limits ---------------------------------------------------------------------------------
+# A NaN or Inf anywhere in the features makes that image's score NaN (never a finite or -inf score, which
+# calibration would clip to 0, i.e. "normal"); the other images of the batch are not affected.
+
+# (shapes, out_size, where the bad value goes: (scale, channel, y, x)). The last case downsamples 12 -> 5 rows:
+# rows 4, 7 and 10 of the feature map are never read by the bilinear step, so only an explicit check sees them.
+NON_FINITE_CASES = [
+    ([(8, 6, 6)], (12, 12), (0, 3, 2, 2)),
+    ([(32, 16, 16), (64, 8, 8), (128, 4, 4)], (32, 32), (2, 100, 3, 0)),
+    ([(8, 12, 12)], (5, 7), (0, 5, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("fn", [ops.anomaly_map, ops.anomaly_map_reference], ids=["native", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+@pytest.mark.parametrize("case", range(len(NON_FINITE_CASES)))
+def test_non_finite_feature_makes_that_images_score_nan(fn, bad, sigma, case):
+    shapes, out_size, (k, c, y, x) = NON_FINITE_CASES[case]
+    teacher, student = random_features(3, shapes, seed=21)
+    clean_maps, clean_scores = fn(teacher, student, out_size, sigma)
+    poisoned = [t.clone() for t in teacher]
+    poisoned[k][1, c, y, x] = bad
+    maps, scores = fn(poisoned, student, out_size, sigma)
+    assert torch.isnan(scores[1]), f"score {scores[1].item()} for an image with a {bad} feature"
+    for b in (0, 2):  # the other images of the batch are scored as before
+        assert torch.equal(scores[b], clean_scores[b]) and torch.equal(maps[b], clean_maps[b])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_non_finite_feature_in_half_precision_and_channels_last(dtype, channels_last):
+    teacher, student = random_features(2, WRN50_SHAPES_SMALL, seed=22)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = [t.to(dtype).contiguous(memory_format=fmt) for t in teacher]
+    student = [s.to(dtype).contiguous(memory_format=fmt) for s in student]
+    student[0][0, 5, 7, 7] = float("nan")
+    teacher[1][1, 9, 2, 3] = float("inf")
+    for fn in (ops.anomaly_map, ops.anomaly_map_reference):
+        _, scores = fn(teacher, student, (40, 40), 4.0)
+        assert torch.isnan(scores).all(), (fn.__name__, scores)
+
+
+def test_non_finite_features_give_nan_in_the_map_where_they_are_read():
+    teacher, student = random_features(1, [(8, 8, 8)], seed=23)
+    teacher[0][0, 2, 3, 3] = float("nan")
+    for fn in (ops.anomaly_map, ops.anomaly_map_reference):
+        maps, scores = fn(teacher, student, (8, 8), 0.0)  # no upsampling, no blur: the pixel and its neighbours
+        nan = torch.isnan(maps[0, 0])
+        outside = nan.clone()
+        outside[2:5, 2:5] = False  # a zero-weight bilinear tap of a neighbour may read it too (0 * NaN = NaN)
+        assert nan[3, 3] and not outside.any(), (fn.__name__, nan.nonzero().tolist())
+        assert torch.isnan(scores[0])
+
+
+@pytest.mark.parametrize("fn", [ops.anomaly_map, ops.anomaly_map_reference], ids=["native", "reference"])
+def test_sigma_whose_blur_radius_overflows_is_a_clear_error(fn):
+    t, s = _good()
+    for sigma in (1e9, 1e300):  # radius 4e9 does not fit an int; 4e300 does not fit anything
+        with pytest.raises(ValueError, match="blur radius"):
+            fn(t, s, (8, 8), sigma)
+    fn(t, s, (8, 8), 1000.0)  # a large but supported radius (4000 > the map) still works
+
+
+def test_cpp_op_refuses_a_blur_radius_that_overflows():
+    t, s = _good()
+    with pytest.raises(RuntimeError, match="blur radius"):
+        torch.ops.mrkd.anomaly_map(t, s, [8, 8], 1e9)
+    with pytest.raises(RuntimeError, match="blur radius"):
+        torch.ops.mrkd.anomaly_map(t, s, [8, 8], 1e300)
+
+
+def test_reference_blur_is_plain_float32_arithmetic():
+    """The reference blur must not go through conv2d: on CUDA, cuDNN runs fp32 convolutions in TF32 by default
+    (about 1e-3 off), which would make the CUDA parity tests compare against a wrong reference."""
+    import unittest.mock
+
+    maps = torch.rand(2, 1, 20, 27, generator=torch.Generator().manual_seed(24))
+    with unittest.mock.patch.object(F, "conv2d", side_effect=AssertionError("conv2d used")):
+        blurred = ops.gaussian_blur_reference(maps, 4.0)
+    expected = np.stack([gaussian_filter(m[0].double().numpy(), sigma=4.0, mode="reflect", truncate=4.0)
+                         for m in maps])
+    assert max_error(blurred[:, 0], expected) <= 1e-6
+
+
+@requires_cuda
+def test_cuda_matches_the_float32_reference_computed_on_cpu():
+    """The reference on the CPU is plain fp32 (no TF32 anywhere): the first GPU run tests the kernel itself."""
+    teacher, student = random_features(2, [(64, 32, 32), (128, 16, 16), (256, 8, 8)], seed=25)
+    ref_maps, ref_scores = ops.anomaly_map_reference(teacher, student, (128, 128), 4.0)
+    gpu_maps, gpu_scores = ops.anomaly_map([t.cuda() for t in teacher], [s.cuda() for s in student], (128, 128), 4.0)
+    assert max_error(gpu_maps, ref_maps) <= FP32_TOL
+    assert max_error(gpu_scores, ref_scores) <= FP32_TOL
+
+
+@requires_cuda
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("sigma", [0.0, 4.0])
+@pytest.mark.parametrize("case", range(len(NON_FINITE_CASES)))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_non_finite_feature_makes_that_images_score_nan(bad, sigma, case, channels_last):
+    shapes, out_size, (k, c, y, x) = NON_FINITE_CASES[case]
+    teacher, student = random_features(3, shapes, seed=26)
+    teacher[k][1, c, y, x] = bad
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cpu_maps, cpu_scores = ops.anomaly_map(teacher, student, out_size, sigma)
+    gpu_maps, gpu_scores = ops.anomaly_map([t.cuda().contiguous(memory_format=fmt) for t in teacher],
+                                           [s.cuda().contiguous(memory_format=fmt) for s in student], out_size, sigma)
+    assert torch.isnan(gpu_scores[1]) and torch.isnan(cpu_scores[1])
+    for b in (0, 2):
+        assert max_error(gpu_maps[b], cpu_maps[b]) <= FP32_TOL
+        assert max_error(gpu_scores[b], cpu_scores[b]) <= FP32_TOL
+
+
+@requires_cuda
+def test_cuda_limits_are_clear_errors():
+    t, s = [x.cuda() for x in _good()[0]], [x.cuda() for x in _good()[1]]
+    with pytest.raises(RuntimeError, match="blur radius"):
+        torch.ops.mrkd.anomaly_map(t, s, [8, 8], 1e9)
+    # the vertical blur runs 64 output rows per block and a grid has at most 65535 blocks in y
+    tall = 64 * 65535 + 1
+    small_t = [torch.randn(1, 4, 2, 2, device="cuda")]
+    small_s = [torch.randn(1, 4, 2, 2, device="cuda")]
+    with pytest.raises(RuntimeError, match="out_size height 4194241 .* at most 4194240"):
+        torch.ops.mrkd.anomaly_map(small_t, small_s, [tall, 1], 1.0)
+    maps, scores = torch.ops.mrkd.anomaly_map(small_t, small_s, [tall - 1, 1], 1.0)  # the largest that fits
+    assert maps.shape == (1, 1, tall - 1, 1) and torch.isfinite(scores).all()

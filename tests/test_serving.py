@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import alive, descendants, record_fsyncs_and_renames, start_serve, tritonserver_of, wait_gone
 from mrkd.runtime.calibration import Calibration
 from mrkd.core.config import ModelConfig
 from mrkd.runtime.detector import Detector, Prediction
@@ -344,3 +345,274 @@ def test_a_bad_request_in_a_dynamic_batch_fails_alone(served_model, client, dete
             assert re.search(bad[kind][1], result.message()), result.message()
     # the requests really did share preprocess executions with each other
     assert after[1] - before[1] < len(requests)
+
+
+# ---------------------------------------------------------------------------------------------------- exports: all or nothing
+
+
+def served_versions(repo: Path, name: str) -> dict[str, int | None]:
+    """What a tritonserver starting now would serve for product `name`: {model: version}, following Triton's rules
+    (a `specific` version policy, else the latest numeric version folder; an ensemble step's `model_version`, -1 =
+    the version the step serves). An ensemble whose pinned step version is not served maps to None (it would not
+    load)."""
+    names = model_names(name)
+    served: dict[str, int | None] = {}
+    for role, model in names.items():
+        config = (repo / model / "config.pbtxt").read_text()
+        folders = sorted(int(p.name) for p in (repo / model).iterdir() if p.is_dir() and p.name.isdigit())
+        pinned = re.search(r"version_policy\s*:\s*{\s*specific\s*:\s*{\s*versions\s*:\s*\[?\s*(\d+)", config)
+        version = int(pinned.group(1)) if pinned else (folders[-1] if folders else None)
+        served[model] = version if version in folders else None
+    for role in ("ensemble", "raw_ensemble"):
+        model = names[role]
+        config = (repo / model / "config.pbtxt").read_text()
+        for step, pin in re.findall(r'model_name: "([^"]+)"\s*model_version: (-?\d+)', config):
+            if int(pin) != -1 and served.get(step) != int(pin):
+                served[model] = None
+    return served
+
+
+def assert_one_complete_version(repo: Path, name: str, tiny_checkpoint: Path) -> int:
+    served = served_versions(repo, name)
+    versions = set(served.values())
+    assert len(versions) == 1 and None not in versions, f"a mixed or broken product would be served: {served}"
+    version = versions.pop()
+    names = model_names(name)
+    assert (repo / names["detector"] / str(version) / "checkpoint.pt").read_bytes() == tiny_checkpoint.read_bytes()
+    assert (repo / names["postprocess"] / str(version) / "calibration.json").is_file()
+    for role in ("preprocess", "frame_preprocess", "detector", "postprocess"):
+        assert (repo / names[role] / str(version) / "model.py").is_file()
+    return version
+
+
+def test_export_pins_every_model_of_the_product_to_its_version(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    names = model_names("cells")
+    for role in ("ensemble", "raw_ensemble"):
+        pins = re.findall(r"model_version: (-?\d+)", (repo / names[role] / "config.pbtxt").read_text())
+        assert pins == ["2", "2", "2"], (role, pins)
+    for role in ("preprocess", "frame_preprocess", "detector", "postprocess"):
+        assert re.search(r"version_policy: { specific: { versions: \[ 2 \] } }",
+                         (repo / names[role] / "config.pbtxt").read_text()), role
+    assert assert_one_complete_version(repo, "cells", tiny_checkpoint) == 2
+
+
+def _failing_open(monkeypatch, fragment: str) -> None:
+    """Makes every open() for writing of a path containing `fragment` fail, as a full disk would."""
+    import builtins
+    import io
+
+    real_open = io.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if fragment in str(file) and any(m in mode for m in "wax+"):
+            raise OSError(28, "No space left on device (injected)", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    monkeypatch.setattr(io, "open", failing_open)
+
+
+def test_an_export_failing_half_way_changes_nothing_that_is_served(tiny_checkpoint, tmp_path, monkeypatch):
+    """The calibration (the last model written) cannot be written: version 1 stays what is served, whole, and no
+    part of version 2 (a new detector with an old calibration) becomes visible."""
+    repo = tmp_path / "repo"
+    export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    configs = {p: p.read_text() for p in repo.glob("*/config.pbtxt")}
+    with monkeypatch.context() as patch:
+        _failing_open(patch, "calibration.json")
+        with pytest.raises(OSError, match="injected"):
+            export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    assert assert_one_complete_version(repo, "cells", tiny_checkpoint) == 1
+    assert {p: p.read_text() for p in repo.glob("*/config.pbtxt")} == configs
+    assert not [p for p in repo.glob("*/*") if p.name not in ("config.pbtxt", "1")], "left-overs of version 2"
+    assert export(tiny_checkpoint, repo, ExportOptions(name="cells")).version == 2  # the next export is whole
+    assert assert_one_complete_version(repo, "cells", tiny_checkpoint) == 2
+
+
+@pytest.mark.parametrize("crash_at", [1, 3, 6, 9, 12])
+def test_an_export_interrupted_at_any_rename_serves_one_whole_version(crash_at, tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    """The process dies at the crash_at-th rename of an export (power cut, SIGKILL): what `mrkd.serve` then
+    serves (check_repository runs first) is one complete version, never a mix of two."""
+    repo = tmp_path / "repo"
+    export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    calls = {"n": 0}
+
+    class Crash(BaseException):
+        pass
+
+    def crashing(real):
+        def rename(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise Crash()
+            return real(*args, **kwargs)
+        return rename
+
+    import os
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", crashing(os.rename))
+        patch.setattr(os, "replace", crashing(os.replace))
+        with pytest.raises(Crash):
+            export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    check_repository(repo)
+    assert assert_one_complete_version(repo, "cells", tiny_checkpoint) in (1, 2)
+
+
+def test_concurrent_exports_get_distinct_whole_versions(tiny_checkpoint, tmp_path, monkeypatch):
+    """Two exports of one product at the same time (a slow look at the repository, so both look for a free version
+    number before either has written one): each gets its own version, both complete, the later one served."""
+    import mrkd.triton.repository as repository
+
+    repo = tmp_path / "repo"
+    export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    real_existing_versions = repository.existing_versions
+
+    def slow_existing_versions(*args, **kwargs):
+        import time
+
+        found = real_existing_versions(*args, **kwargs)
+        time.sleep(1.0)  # a busy disk: the other export looks at the repository meanwhile
+        return found
+
+    monkeypatch.setattr(repository, "existing_versions", slow_existing_versions)
+    results, errors = [], []
+
+    def run() -> None:
+        try:
+            results.append(export(tiny_checkpoint, repo, ExportOptions(name="cells")).version)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sorted(results) == [2, 3]
+    assert existing_versions(repo, "cells") == [1, 2, 3]
+    assert assert_one_complete_version(repo, "cells", tiny_checkpoint) == 3
+    for version in (2, 3):
+        assert (repo / "cells_detector" / str(version) / "checkpoint.pt").read_bytes() == tiny_checkpoint.read_bytes()
+
+
+def test_export_makes_every_file_durable_before_it_becomes_visible(tiny_checkpoint, tmp_path, monkeypatch):
+    events = record_fsyncs_and_renames(monkeypatch)
+    repo = tmp_path / "repo"
+    export(tiny_checkpoint, repo, ExportOptions(name="cells"))
+    first_rename = next(i for i, (kind, _) in enumerate(events) if kind == "rename")
+    synced = {path for kind, path in events[:first_rename] if kind == "fsync"}
+    version_files = [p for p in repo.glob("*/1/*") if p.is_file()]
+    assert version_files
+    for path in version_files:  # synced under its temporary name, before any rename made it visible
+        assert any(Path(s).name == path.name and Path(s).parent.parent == path.parent.parent for s in synced), path
+
+
+def test_product_names_must_match_entirely():
+    for bad in ("mrkd\n", "bottle\n", ".", "..", "a/b"):
+        with pytest.raises(ExportError, match="--name"):
+            ExportOptions(name=bad).validate()
+
+
+# ---------------------------------------------------------------------------------------------------- error codes and limits
+
+
+def test_a_server_side_failure_is_internal_and_a_bad_input_is_invalid_argument(faulty_served_model, images):
+    good = images["normal0.png"]
+    with grpcclient.InferenceServerClient(faulty_served_model.grpc_url) as c:
+        c.infer(faulty_served_model.model_name, image_inputs([good]))
+        faulty_served_model.set_fault("fail")
+        try:
+            with pytest.raises(InferenceServerException) as failed:
+                c.infer(faulty_served_model.model_name, image_inputs([good]))
+            assert failed.value.status() == "StatusCode.INTERNAL", failed.value
+            assert "injected fault" in failed.value.message()
+            with pytest.raises(InferenceServerException) as bad:  # a bad input is still the request's fault
+                c.infer(faulty_served_model.model_name, image_inputs([b"these bytes are no image"]))
+            assert bad.value.status() == "StatusCode.INVALID_ARGUMENT", bad.value
+        finally:
+            faulty_served_model.set_fault(None)
+        c.infer(faulty_served_model.model_name, image_inputs([good]))
+
+
+def test_a_requests_total_decoded_pixels_are_bounded(served_model, client, detector, images):
+    """Each image within the per-image limit, together more than a request may hold: refused before decoding."""
+    from mrkd.core.preprocess import MAX_PIXELS
+    from mrkd.triton.models import MAX_REQUEST_PIXELS
+
+    side = int(MAX_PIXELS ** 0.5)
+    count = MAX_REQUEST_PIXELS // (side * side) + 1
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(served_model.model_name, image_inputs([png_bomb(side, side)] * count))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert re.search(rf"{count * side * side} pixels in total, more than the limit of {MAX_REQUEST_PIXELS} per "
+                     "request", info.value.message()), info.value.message()
+    good = images["normal0.png"]
+    assert_matches(infer_images(client, served_model.model_name, [good]), reference(detector, [good]), detector,
+                   served_model)
+
+
+def test_request_pixel_bound_counts_every_item():
+    from mrkd.core.preprocess import InvalidImageError
+    from mrkd.triton.models import MAX_REQUEST_PIXELS, check_request_pixels
+
+    check_request_pixels([MAX_REQUEST_PIXELS // 2, MAX_REQUEST_PIXELS // 2])
+    with pytest.raises(InvalidImageError, match="per request"):
+        check_request_pixels([MAX_REQUEST_PIXELS // 2, MAX_REQUEST_PIXELS // 2 + 1])
+
+
+# ---------------------------------------------------------------------------------------------------- the server's lifetime
+
+
+def _start_serve(tiny_checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
+    """`python -m mrkd.serve` on a detector-only repository; returns it once ready, with its processes."""
+    repo = tmp_path / "repo"
+    names = export(tiny_checkpoint, repo, ExportOptions(name="solo")).models
+    for role, model in names.items():  # only the detector: one stub process keeps the start short
+        if role != "detector":
+            shutil.rmtree(repo / model)
+    process = start_serve(repo)
+    family = descendants(process.pid)
+    assert len(family) >= 2, f"expected tritonserver and its python stub, found {family}"
+    return process, family
+
+
+def test_a_sigkilled_serve_leaves_no_process_behind(tiny_checkpoint, tmp_path):
+    import os
+    import signal
+
+    process, family = _start_serve(tiny_checkpoint, tmp_path)
+    try:
+        os.kill(process.pid, signal.SIGKILL)  # the launcher dies without any chance to clean up (OOM killer)
+        process.wait(timeout=30)
+        left = wait_gone(family)
+        assert not left, f"{len(left)} processes outlived their launcher: {left}"
+    finally:
+        for pid in alive(family):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_exits_nonzero_at_once_when_its_tritonserver_dies(tiny_checkpoint, tmp_path):
+    import os
+    import signal
+    import time
+
+    process, family = _start_serve(tiny_checkpoint, tmp_path)
+    try:
+        killed = time.monotonic()
+        os.kill(tritonserver_of(process.pid), signal.SIGKILL)
+        assert process.wait(timeout=30) == 1
+        assert time.monotonic() - killed < 10
+        assert "exited unexpectedly" in process.stderr.read()
+        left = wait_gone(family)
+        assert not left, f"{len(left)} processes outlived their server: {left}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in alive(family):
+            os.kill(pid, signal.SIGKILL)

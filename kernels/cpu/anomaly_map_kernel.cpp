@@ -2,6 +2,7 @@
 // Pass 1 reads every feature map once: per pixel dot(t, s), |t|^2, |s|^2 with vectorised channel loops.
 // Pass 2 (per output row) upsamples and sums the per-scale distances, then blurs horizontally.
 // Pass 3 blurs vertically and takes the per-image max. All passes are parallel over (image, rows).
+// A NaN distance in pass 1 (from a NaN or infinite feature value) or a NaN map value makes the image's score NaN.
 #include "../anomaly_map.h"
 
 #include <ATen/ATen.h>
@@ -12,8 +13,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace mrkd {
 namespace {
@@ -154,13 +157,18 @@ inline void accumulate(const c10::BFloat16* t, const c10::BFloat16* s, FeatureLa
   }
 }
 
-MRKD_HOT void finish_cosine_distance(const float* dot, const float* tt, const float* ss, int64_t n, float* out) {
+// Writes the distances; returns whether any of them is NaN (a NaN or infinite feature value at that pixel).
+MRKD_HOT bool finish_cosine_distance(const float* dot, const float* tt, const float* ss, int64_t n, float* out) {
   const float eps = static_cast<float>(kCosineEps);
+  int nan = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float nt = std::max(std::sqrt(tt[i]), eps);
     const float ns = std::max(std::sqrt(ss[i]), eps);
-    out[i] = 1.0f - dot[i] / (nt * ns);
+    const float d = 1.0f - dot[i] / (nt * ns);
+    out[i] = d;
+    nan |= static_cast<int>(d != d);
   }
+  return nan != 0;
 }
 
 // Elements (channels x pixels) per work item of pass 1: items of equal cost balance threads across scales.
@@ -173,8 +181,10 @@ struct ScaleWork {
   int64_t dist_offset;  // offset of this scale's [B, H*W] distance map in the scratch buffer
 };
 
+// `item_nan[item]` is set to 1 when the item's distances hold a NaN (items are ordered image-major).
 template <typename scalar_t>
-void cosine_distances(const std::vector<ScaleWork>& scales, int64_t batch, int64_t items_per_image, float* dist) {
+void cosine_distances(const std::vector<ScaleWork>& scales, int64_t batch, int64_t items_per_image, float* dist,
+                      uint8_t* item_nan) {
   int64_t max_chunk = 0;
   for (const auto& sw : scales) max_chunk = std::max(max_chunk, sw.chunk);
   // Items ordered (image, scale, chunk): contiguous ranges of items cover similar bytes.
@@ -197,7 +207,7 @@ void cosine_distances(const std::vector<ScaleWork>& scales, int64_t batch, int64
       const int64_t pixel_stride = sw.features.layout == FeatureLayout::kNCHW ? 1 : sw.channels;
       accumulate(t + p0 * pixel_stride, s + p0 * pixel_stride, sw.features.layout, sw.channels, plane, n, dot, tt,
                  ss);
-      finish_cosine_distance(dot, tt, ss, n, dist + sw.dist_offset + b * plane + p0);
+      item_nan[item] = finish_cosine_distance(dot, tt, ss, n, dist + sw.dist_offset + b * plane + p0) ? 1 : 0;
     }
   });
 }
@@ -248,10 +258,15 @@ MRKD_HOT void accumulate_weighted_row(const float* row, float w, int64_t n, floa
   for (int64_t i = 0; i < n; ++i) acc[i] += w * row[i];
 }
 
+// Max that propagates NaN (std::max and fmax skip it: one NaN pixel must not leave a finite score).
 MRKD_HOT float row_max(const float* row, int64_t n, float current) {
   float m = current;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, row[i]);
-  return m;
+  int nan = static_cast<int>(current != current);
+  for (int64_t i = 0; i < n; ++i) {
+    m = std::max(m, row[i]);
+    nan |= static_cast<int>(row[i] != row[i]);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 // Rows per work item of the upsample/blur passes.
@@ -280,15 +295,16 @@ AnomalyMapResult anomaly_map_cpu_impl(at::TensorList teacher, at::TensorList stu
 
   at::Tensor dist = at::empty({dist_total}, teacher[0].options().dtype(at::kFloat));
   float* dist_data = dist.data_ptr<float>();
+  std::vector<uint8_t> item_nan(batch * items_per_image, 0);
   switch (teacher[0].scalar_type()) {
     case at::kFloat:
-      cosine_distances<float>(scales, batch, items_per_image, dist_data);
+      cosine_distances<float>(scales, batch, items_per_image, dist_data, item_nan.data());
       break;
     case at::kHalf:
-      cosine_distances<c10::Half>(scales, batch, items_per_image, dist_data);
+      cosine_distances<c10::Half>(scales, batch, items_per_image, dist_data, item_nan.data());
       break;
     case at::kBFloat16:
-      cosine_distances<c10::BFloat16>(scales, batch, items_per_image, dist_data);
+      cosine_distances<c10::BFloat16>(scales, batch, items_per_image, dist_data, item_nan.data());
       break;
     default:
       TORCH_CHECK(false, "anomaly_map: unsupported dtype ", teacher[0].scalar_type());
@@ -362,7 +378,14 @@ AnomalyMapResult anomaly_map_cpu_impl(at::TensorList teacher, at::TensorList stu
   at::Tensor scores = at::empty({batch}, dist.options());
   float* scores_data = scores.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
-    scores_data[b] = *std::max_element(item_max.begin() + b * row_items, item_max.begin() + (b + 1) * row_items);
+    bool nan = std::any_of(item_nan.begin() + b * items_per_image, item_nan.begin() + (b + 1) * items_per_image,
+                           [](uint8_t flag) { return flag != 0; });
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = b * row_items; i < (b + 1) * row_items; ++i) {
+      nan = nan || std::isnan(item_max[i]);
+      m = std::max(m, item_max[i]);
+    }
+    scores_data[b] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
   }
   return {maps, scores};
 }

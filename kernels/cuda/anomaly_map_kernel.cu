@@ -3,6 +3,8 @@
 //    all scales in one launch, channels split across thread groups when there are few pixels.
 // 2. upsample_hblur_kernel: one block per output row: bilinear upsample + sum over scales + horizontal blur.
 // 3. vblur_max_kernel: vertical blur, writes the maps, block max reduction + atomic max per image.
+// 4. nan_scores_kernel: NaN score for every image flagged in 1 (a NaN distance: a NaN or infinite feature value) or
+//    in 3 (a NaN map value), so no image with a bad feature anywhere gets a finite score.
 #include "../anomaly_map.h"
 
 #include <ATen/ATen.h>
@@ -85,6 +87,7 @@ struct ScaleDesc {
   const void* teacher;
   const void* student;
   float* dist;
+  int* image_nan;  // [B]: set to 1 when a distance of that image is NaN
   int64_t channels;
   int64_t plane;  // H * W
   int64_t units;  // NCHW: batch * plane / vec pixel-vectors; NHWC: batch * plane pixels
@@ -102,6 +105,12 @@ struct ScaleBatch {
 __device__ __forceinline__ float cosine_distance(float dot, float tt, float ss) {
   const float eps = static_cast<float>(kCosineEps);
   return 1.0f - dot / (fmaxf(sqrtf(tt), eps) * fmaxf(sqrtf(ss), eps));
+}
+
+// Stores the distance of flat pixel `index` (image-major: index / plane is the image) and flags a NaN.
+__device__ __forceinline__ void store_distance(const ScaleDesc& d, int64_t index, float value) {
+  d.dist[index] = value;
+  if (isnan(value)) d.image_nan[index / d.plane] = 1;  // every writer stores the same value: no atomic needed
 }
 
 // `partial` holds 3 * kThreads * Vec floats (the channel groups' partial sums).
@@ -155,7 +164,7 @@ __device__ void cosine_nchw(const ScaleDesc& d, int64_t block, float* partial) {
   if (groups == 1) {
     if (unit < d.units) {
 #pragma unroll
-      for (int v = 0; v < Vec; ++v) d.dist[unit * Vec + v] = cosine_distance(dot[v], tt[v], ss[v]);
+      for (int v = 0; v < Vec; ++v) store_distance(d, unit * Vec + v, cosine_distance(dot[v], tt[v], ss[v]));
     }
     return;
   }
@@ -179,7 +188,7 @@ __device__ void cosine_nchw(const ScaleDesc& d, int64_t block, float* partial) {
       st += partial[kThreads * Vec + idx];
       sss += partial[2 * kThreads * Vec + idx];
     }
-    d.dist[q_unit * Vec + v] = cosine_distance(sd, st, sss);
+    store_distance(d, q_unit * Vec + v, cosine_distance(sd, st, sss));
   }
 }
 
@@ -210,7 +219,7 @@ __device__ void cosine_nhwc(const ScaleDesc& d, int64_t block) {
     tt += __shfl_xor_sync(0xffffffffu, tt, offset, lanes);
     ss += __shfl_xor_sync(0xffffffffu, ss, offset, lanes);
   }
-  if (lane == 0 && pixel < d.units) d.dist[pixel] = cosine_distance(dot, tt, ss);
+  if (lane == 0 && pixel < d.units) store_distance(d, pixel, cosine_distance(dot, tt, ss));
 }
 
 template <typename scalar_t>
@@ -342,9 +351,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Max of non-NaN floats through integer atomics: ordered as signed ints when >= 0, reversed unsigned when < 0.
+// Max of non-NaN floats through integer atomics: floats with the sign bit clear order as signed ints, those with
+// it set (-0.0 included) order reversed as unsigned ints. The sign bit, not `value >= 0`, picks the path: -0.0 >= 0
+// is true, and -0.0 as a signed int is INT_MIN, which would never replace anything.
 __device__ __forceinline__ void atomic_max_float(float* address, float value) {
-  if (value >= 0.0f) {
+  if (!signbit(value)) {
     atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
   } else {
     atomicMin(reinterpret_cast<unsigned int*>(address), __float_as_uint(value));
@@ -355,10 +366,14 @@ constexpr int kVblurCols = 32;
 constexpr int kVblurThreadRows = 8;
 constexpr int kVblurRowsPerThread = 8;
 
-// grid (ceil(W / 32), ceil(H / 64), B), block (32, 8).
+constexpr int kVblurRowsPerBlock = kVblurThreadRows * kVblurRowsPerThread;
+constexpr int64_t kMaxGridY = 65535;
+
+// grid (ceil(W / 32), ceil(H / 64), B), block (32, 8). A NaN map value flags its image in `image_nan` (fmaxf skips
+// NaN, so the max alone would not show it).
 __global__ void __launch_bounds__(kVblurCols* kVblurThreadRows)
-    vblur_max_kernel(const float* horizontal, float* maps, float* scores, int out_h, int out_w, int radius,
-                     double sigma) {
+    vblur_max_kernel(const float* horizontal, float* maps, float* scores, int* image_nan, int out_h, int out_w,
+                     int radius, double sigma) {
   extern __shared__ unsigned char smem_raw[];
   double* scratch = reinterpret_cast<double*>(smem_raw);
   float* weights = reinterpret_cast<float*>(scratch + (2 * radius + 1));
@@ -369,8 +384,9 @@ __global__ void __launch_bounds__(kVblurCols* kVblurThreadRows)
   const int taps = 2 * radius + 1;
   const float* image = horizontal + static_cast<int64_t>(b) * out_h * out_w;
   float local_max = -INFINITY;
+  bool local_nan = false;
   if (x < out_w) {
-    const int y_begin = blockIdx.y * kVblurThreadRows * kVblurRowsPerThread;
+    const int y_begin = blockIdx.y * kVblurRowsPerBlock;
     for (int r = 0; r < kVblurRowsPerThread; ++r) {
       const int y = y_begin + r * kVblurThreadRows + threadIdx.y;
       if (y >= out_h) break;
@@ -380,8 +396,10 @@ __global__ void __launch_bounds__(kVblurCols* kVblurThreadRows)
       }
       maps[(static_cast<int64_t>(b) * out_h + y) * out_w + x] = acc;
       local_max = fmaxf(local_max, acc);
+      local_nan = local_nan || isnan(acc);
     }
   }
+  if (local_nan) image_nan[b] = 1;
   for (int offset = 16; offset > 0; offset /= 2) {
     local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, offset));
   }
@@ -392,6 +410,12 @@ __global__ void __launch_bounds__(kVblurCols* kVblurThreadRows)
     for (int i = 1; i < kVblurThreadRows; ++i) m = fmaxf(m, warp_max[i]);
     if (m > -INFINITY) atomic_max_float(scores + b, m);
   }
+}
+
+// grid ceil(B / 256), block 256: the flagged images' scores become NaN.
+__global__ void nan_scores_kernel(float* scores, const int* image_nan, int64_t batch) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < batch && image_nan[b] != 0) scores[b] = __int_as_float(0x7fc00000);  // quiet NaN
 }
 
 struct DeviceLimits {
@@ -415,12 +439,13 @@ int pow2_at_least(int64_t n, int cap) {
   return p;
 }
 
-ScaleDesc describe_scale(const detail::ScaleFeatures& f, float* dist, int64_t target_threads) {
+ScaleDesc describe_scale(const detail::ScaleFeatures& f, float* dist, int* image_nan, int64_t target_threads) {
   const at::Tensor& t = f.teacher;
   ScaleDesc d{};
   d.teacher = t.const_data_ptr();
   d.student = f.student.const_data_ptr();
   d.dist = dist;
+  d.image_nan = image_nan;
   d.channels = t.size(1);
   d.plane = t.size(2) * t.size(3);
   d.layout = static_cast<int>(f.layout);
@@ -456,9 +481,16 @@ AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList st
   const c10::cuda::CUDAGuard device_guard(teacher[0].device());
   const int64_t batch = teacher[0].size(0);
   const int64_t out_h = out_size[0], out_w = out_size[1];
-  TORCH_CHECK(out_h <= std::numeric_limits<int>::max() / 2 && out_w <= std::numeric_limits<int>::max() / 2 &&
-                  batch <= 65535 && out_h <= std::numeric_limits<int>::max(),
-              "anomaly_map: output too large for the CUDA kernel");
+  // Grid limits, as errors that say which size is too large (a launch past them fails with a cryptic
+  // "invalid configuration argument"). The radius is already at most kMaxBlurRadius (check_anomaly_map_inputs).
+  TORCH_CHECK(batch <= kMaxGridY, "anomaly_map: batch ", batch, " is larger than the CUDA kernel's grid allows (at most ",
+              kMaxGridY, " images per call)");
+  TORCH_CHECK(out_w <= std::numeric_limits<int>::max() / 2, "anomaly_map: out_size width ", out_w,
+              " is too large for the CUDA kernel (at most ", std::numeric_limits<int>::max() / 2, ")");
+  TORCH_CHECK((out_h + kVblurRowsPerBlock - 1) / kVblurRowsPerBlock <= kMaxGridY, "anomaly_map: out_size height ",
+              out_h, " needs ", (out_h + kVblurRowsPerBlock - 1) / kVblurRowsPerBlock,
+              " blocks of the vertical-blur grid, more than ", kMaxGridY, " (height at most ",
+              kMaxGridY * kVblurRowsPerBlock, ")");
   // Only c10/cuda and the runtime API: ATen/cuda/CUDAContext.h would need the cuSPARSE/cuBLAS headers.
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const DeviceLimits limits = device_limits(teacher[0].device().index());
@@ -475,13 +507,15 @@ AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList st
   const auto float_options = teacher[0].options().dtype(at::kFloat);
   at::Tensor dist = at::empty({dist_total}, float_options);
   float* dist_data = dist.data_ptr<float>();
+  at::Tensor image_nan = at::zeros({batch}, teacher[0].options().dtype(at::kInt));
+  int* image_nan_data = image_nan.data_ptr<int>();
 
   // Pass 1: cosine distances, up to kMaxScalesPerLaunch scales per launch.
   for (size_t first = 0; first < features.size(); first += kMaxScalesPerLaunch) {
     ScaleBatch scale_batch{};
     int64_t blocks = 0;
     for (size_t k = first; k < std::min(features.size(), first + kMaxScalesPerLaunch); ++k) {
-      ScaleDesc d = describe_scale(features[k], dist_data + dist_offsets[k], target_threads);
+      ScaleDesc d = describe_scale(features[k], dist_data + dist_offsets[k], image_nan_data, target_threads);
       d.block_begin = blocks;
       blocks += blocks_for(d);
       scale_batch.scale[scale_batch.count++] = d;
@@ -551,12 +585,17 @@ AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList st
   TORCH_CHECK(vblur_smem <= limits.shared_memory_optin, "anomaly_map: sigma ", sigma, " is too large");
   C10_CUDA_CHECK(cudaFuncSetAttribute(vblur_max_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(vblur_smem)));
-  const int rows_per_block = kVblurThreadRows * kVblurRowsPerThread;
   const dim3 grid(static_cast<unsigned>((out_w + kVblurCols - 1) / kVblurCols),
-                  static_cast<unsigned>((out_h + rows_per_block - 1) / rows_per_block), static_cast<unsigned>(batch));
+                  static_cast<unsigned>((out_h + kVblurRowsPerBlock - 1) / kVblurRowsPerBlock),
+                  static_cast<unsigned>(batch));
   vblur_max_kernel<<<grid, dim3(kVblurCols, kVblurThreadRows), vblur_smem, stream>>>(
-      horizontal.data_ptr<float>(), maps.data_ptr<float>(), scores.data_ptr<float>(), static_cast<int>(out_h),
-      static_cast<int>(out_w), radius, sigma);
+      horizontal.data_ptr<float>(), maps.data_ptr<float>(), scores.data_ptr<float>(), image_nan_data,
+      static_cast<int>(out_h), static_cast<int>(out_w), radius, sigma);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // Pass 4: NaN scores for the images flagged in passes 1 and 3.
+  nan_scores_kernel<<<static_cast<unsigned>((batch + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      scores.data_ptr<float>(), image_nan_data, batch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {maps, scores};
 }

@@ -42,7 +42,12 @@ class Calibration:
         return np.clip((np.asarray(values, dtype=np.float32) - self.threshold) * scale + 0.5, 0.0, 1.0)
 
     def is_anomalous(self, raw_scores: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        return raw_scores > self.threshold
+        """Raw score above the threshold. A non-finite raw score (NaN, +-inf: a bad feature value somewhere) is
+        anomalous too: it must never pass as normal. (normalize() keeps NaN as NaN for the same reason.)"""
+        if isinstance(raw_scores, torch.Tensor):
+            return ~(torch.isfinite(raw_scores) & (raw_scores <= self.threshold))
+        raw = np.asarray(raw_scores)
+        return ~(np.isfinite(raw) & (raw <= self.threshold))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

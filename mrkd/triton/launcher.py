@@ -3,9 +3,15 @@
 Uses `tritonserver` from PATH (the NGC container) or else the one inside the `nvidia-pytriton` wheel, for which it
 prepares a private copy of the backends folder holding the python-backend stub built for this Python.
 `TritonServer` is a context manager (what `python -m mrkd.serve`, the demo, tests and benchmarks use).
+
+The server never outlives its launcher: it runs in its own process group (so that Ctrl-C in a terminal reaches only
+the launcher, which then stops it cleanly) with PR_SET_PDEATHSIG, so the kernel stops it when the launcher dies in
+any way (SIGKILL, the OOM killer); its python-backend stubs follow their server. When the server dies, stop() also
+kills whatever is left of its process group.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -15,17 +21,44 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from .models import CHECKPOINT_FILE
+from .repository import ExportError, prepare_repository, repository_lock
 
 STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 40
+# What the kernel sends the server when its launcher dies: SIGTERM, so that Triton unloads its models and stops its
+# python-backend stubs (and releases their shared memory) before it exits, within its own exit timeout.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _parent_death_hook(sig: int):
+    """A preexec_fn that makes the child receive `sig` when its parent thread dies (Linux), or None elsewhere.
+    The libc function is looked up here, before fork: the child only makes one foreign call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    option, value = ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(int(sig))
+    zero = ctypes.c_ulong(0)
+
+    def hook() -> None:
+        prctl(option, value, zero, zero, zero)
+
+    return hook
 
 
 class ServerError(RuntimeError):
@@ -81,29 +114,59 @@ def _config_field(text: str, key: str) -> str | None:
     return match.group(1) if match else None
 
 
+_PINNED_VERSION = re.compile(r"version_policy\s*:\s*{\s*specific\s*:\s*{\s*versions\s*:\s*\[\s*(\d+)\s*\]")
+_ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"\s*model_version:\s*(-?\d+)')
+
+
+def served_version(folder: Path, text: str) -> int | None:
+    """The version Triton serves for a model folder: the pinned one (`version_policy: { specific ... }`, what
+    mrkd.export writes), else the latest numeric version folder; None when there is none."""
+    pinned = _PINNED_VERSION.search(text)
+    if pinned:
+        return int(pinned.group(1))
+    versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    return versions[-1] if versions else None
+
+
 def check_repository(repo: str | Path) -> list[str]:
-    """Model names of `repo`; raises ServerError naming what is missing (e.g. a repository never exported)."""
+    """Model names of `repo`, after completing exports that a crash interrupted; raises ServerError naming what is
+    missing (e.g. a repository never exported) or inconsistent (an ensemble pinned to a version not served)."""
     repo = Path(repo)
     if not repo.is_dir():
         raise ServerError(f"model repository not found: {repo}")
+    try:
+        prepare_repository(repo)
+    except (ExportError, OSError, ValueError) as exc:
+        raise ServerError(f"model repository {repo}: an interrupted export cannot be completed: {exc}") from exc
     models = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
     if not models:
         raise ServerError(f"{repo} holds no models (no */config.pbtxt)")
-    problems = []
+    problems, unexported, served, texts = [], [], {}, {}
     for model in models:
         folder = repo / model
-        text = (folder / "config.pbtxt").read_text()
-        versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-        latest = versions[-1] if versions else None
-        if latest is None:
-            problems.append(f"{model}: no version folder")
-        elif _config_field(text, "backend") == "python" and not (latest / "model.py").is_file():
-            problems.append(f"{model}: no model.py in version {latest.name}")
-        elif 'string_value: "detector"' in text and not (latest / CHECKPOINT_FILE).is_file():
-            problems.append(f"{model}: no {CHECKPOINT_FILE} in version {latest.name}")
+        text = texts[model] = (folder / "config.pbtxt").read_text()
+        version = served[model] = served_version(folder, text)
+        if version is None:
+            unexported.append(f"{model}: no version folder")
+        elif not (folder / str(version)).is_dir():
+            problems.append(f"{model}: version {version} (named in its config.pbtxt) is missing")
+        elif _config_field(text, "backend") == "python" and not (folder / str(version) / "model.py").is_file():
+            problems.append(f"{model}: no model.py in version {version}")
+        elif 'string_value: "detector"' in text and not (folder / str(version) / CHECKPOINT_FILE).is_file():
+            problems.append(f"{model}: no {CHECKPOINT_FILE} in version {version}")
+    for model, text in texts.items():
+        for step, pin in _ENSEMBLE_STEP.findall(text):
+            if int(pin) != -1 and step in served and served[step] != int(pin):
+                problems.append(f"{model}: its step {step} is pinned to version {pin}, which is not served "
+                                f"(version {served[step]} is)")
+    if unexported:
+        raise ServerError(
+            f"model repository {repo} is not ready to serve ({'; '.join(unexported + problems)}). It has not been "
+            f"exported yet: python -m mrkd.export --checkpoint CKPT --repo {repo}"
+        )
     if problems:
         raise ServerError(
-            f"model repository {repo} is not ready to serve ({'; '.join(problems)}). It has not been exported yet: "
+            f"model repository {repo} is not consistent ({'; '.join(problems)}); export the checkpoint again: "
             f"python -m mrkd.export --checkpoint CKPT --repo {repo}"
         )
     return models
@@ -156,6 +219,9 @@ class TritonServer:
         self._process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._log_handle = None
+        self._spawner: threading.Thread | None = None
+        self._released = threading.Event()
+        self._repo_lock = ExitStack()  # shared export lock, held from the start until the server has read the repo
 
     # ports and addresses
     @property
@@ -191,6 +257,15 @@ class TritonServer:
             raise ServerError("server already started")
         self.models = check_repository(self.repo_arg)
         install = find_triton()
+        # An export publishing a new version waits until this server has loaded what it read (and vice versa).
+        self._repo_lock.enter_context(repository_lock(self.repo, shared=True))
+        try:
+            self._start(install)
+        except BaseException:
+            self._repo_lock.close()
+            raise
+
+    def _start(self, install: TritonInstall) -> None:
         self.ports = {k: (free_port(self.host) if v == 0 else v) for k, v in self.ports.items()}
         self._workdir = Path(tempfile.mkdtemp(prefix="mrkd-triton-"))
         if self.log_file is None:
@@ -206,10 +281,36 @@ class TritonServer:
         if install.backends is not None:
             command.append(f"--backend-directory={self._prepare_backends(install)}")
         self._log_handle = self.log_file.open("wb")
-        self._process = subprocess.Popen(
-            command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self._environment(install), start_new_session=True,  # our signal handling decides when it stops
-        )
+        self._spawn(command, self._environment(install))
+
+    def _spawn(self, command: list[str], env: dict[str, str]) -> None:
+        """Starts the server from a thread that lives until stop(): PR_SET_PDEATHSIG fires when the thread that
+        forked the child ends, so it must not be a caller's short-lived thread; it also fires when this whole
+        process dies (SIGKILL, OOM killer), which is the point."""
+        started = threading.Event()
+        failure: list[BaseException] = []
+        self._released.clear()
+
+        def spawn() -> None:
+            try:
+                self._process = subprocess.Popen(
+                    command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    start_new_session=True,  # Ctrl-C reaches only the launcher, which then stops the server
+                    preexec_fn=_parent_death_hook(PARENT_DEATH_SIGNAL),
+                )
+            except BaseException as exc:  # reported by start()
+                failure.append(exc)
+                return
+            finally:
+                started.set()
+            self._released.wait()
+
+        self._spawner = threading.Thread(target=spawn, name="tritonserver-parent", daemon=True)
+        self._spawner.start()
+        started.wait()
+        if failure:
+            self._spawner = None
+            raise ServerError(f"cannot start {command[0]}: {failure[0]}") from failure[0]
 
     def _prepare_backends(self, install: TritonInstall) -> Path:
         """A writable copy of the wheel's backends with the stub for this Python in the python backend folder."""
@@ -255,6 +356,13 @@ class TritonServer:
         """Blocks until the server and every model are ready; raises ServerError (with the log) otherwise."""
         if self._process is None:
             raise ServerError("server not started")
+        try:
+            self._wait_ready(timeout)
+        finally:
+            self._repo_lock.close()  # the server has read the repository (or failed): exports may publish again
+
+    def _wait_ready(self, timeout: float | None) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + (timeout if timeout is not None else self.startup_timeout)
         while time.monotonic() < deadline:
             code = self._process.poll()
@@ -283,7 +391,8 @@ class TritonServer:
         raise self._failure(f"tritonserver exited unexpectedly with code {code}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after `timeout`."""
+        """SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after `timeout`; then
+        whatever is left of the server's process group (stubs of a server that died) is killed."""
         code = None
         if self._process is not None:
             if self._process.poll() is None:
@@ -294,7 +403,13 @@ class TritonServer:
                     self._process.kill()
                     self._process.wait()
             code = self._process.returncode
+            self._kill_group(self._process.pid)
             self._process = None
+        self._released.set()
+        if self._spawner is not None:
+            self._spawner.join()
+            self._spawner = None
+        self._repo_lock.close()
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -306,6 +421,14 @@ class TritonServer:
                 shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         return code
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        """SIGKILL to what is left of the server's process group (it is its own group: start_new_session)."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> "TritonServer":
         self.start()

@@ -8,7 +8,12 @@ Models of one product (export names them from the product name, e.g. "mrkd" or "
 
 The python backend hands execute() a list of requests (a dynamic batch), each holding one or more images. Every
 model here answers each request on its own: a request whose input is bad gets an error response naming the
-problem, and the other requests of the same batch are answered normally. The detector concatenates the batch into
+problem, and the other requests of the same batch are answered normally.
+
+Error codes say whose fault it was, because clients act on them: INVALID_ARG only for a bad input (an image that
+cannot be decoded, too many pixels, a missing input): retrying it elsewhere cannot help. A failure on the server's
+side (the forward pass raised, an unexpected exception, a CUDA out-of-memory) is INTERNAL (UNAVAILABLE for out of
+memory, which may pass): the same request may well succeed on another server, and clients retry it there. The detector concatenates the batch into
 one forward pass and splits the results. Feature maps never leave the detector process; what crosses processes is
 uint8 images and the (resized) float32 anomaly map.
 """
@@ -32,6 +37,9 @@ log = logging.getLogger("mrkd.triton.models")
 CHECKPOINT_FILE = "checkpoint.pt"
 CALIBRATION_FILE = "calibration.json"
 MAP_DTYPES = {"fp16": np.float16, "uint8": np.uint8}
+# Decoded pixels one request may hold, all its images together (each image is also limited to
+# core.preprocess.MAX_PIXELS): 100 Mpx is 300 MB of RGB, where 32 images at the per-image limit would be 3.8 GB.
+MAX_REQUEST_PIXELS = 100_000_000
 
 
 class ServingError(RuntimeError):
@@ -61,8 +69,8 @@ def encode_map(normalized: np.ndarray, map_dtype: str) -> np.ndarray:
     """Normalised maps in [0, 1] -> FP16, or UINT8 with 255 = 1.0 (what the ensemble returns as ANOMALY_MAP)."""
     if map_dtype == "fp16":
         return normalized.astype(np.float16)
-    if map_dtype == "uint8":
-        return np.rint(np.clip(normalized, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if map_dtype == "uint8":  # a NaN pixel (a bad feature value) is as anomalous as it gets: 255
+        return np.rint(np.clip(np.nan_to_num(normalized, nan=1.0), 0.0, 1.0) * 255.0).astype(np.uint8)
     raise ValueError(f"map dtype must be one of {sorted(MAP_DTYPES)}, got {map_dtype!r}")
 
 
@@ -97,6 +105,31 @@ def torch_threads_for(requested: int, instances: int, cpu_count: int | None = No
     if requested > 0:
         return requested
     return max(1, (cpu_count or os.cpu_count() or 1) // max(1, instances))
+
+
+def check_request_pixels(pixels: Sequence[int], limit: int = MAX_REQUEST_PIXELS) -> None:
+    """Raises InvalidImageError when a request's images hold more than `limit` pixels together."""
+    total = int(sum(pixels))
+    if total > limit:
+        raise InvalidImageError(
+            f"the request's {len(pixels)} images hold {total} pixels in total, more than the limit of {limit} per "
+            f"request; send fewer or smaller images per request"
+        )
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from an encoded image's header (nothing is decoded); 0 when the header cannot be read (the
+    decoder then reports what is wrong)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:
+        return 0
+    return int(width) * int(height)
 
 
 def split_counts(counts: Sequence[int]) -> list[slice]:
@@ -172,11 +205,20 @@ class _PythonModel:
     def _warm_up(self) -> None:
         """Runs the model once so that the first real request does not pay for lazy initialisation."""
 
-    def _error(self, message: str):
-        """A per-request error; INVALID_ARG tells clients that retrying elsewhere will not help."""
-        code = getattr(self.pb.TritonError, "INVALID_ARG", None)
-        error = self.pb.TritonError(message, code) if code is not None else self.pb.TritonError(message)
+    def _error(self, message: str, code: str = "INVALID_ARG"):
+        """A per-request error response with a Triton status code (see the module docstring)."""
+        value = getattr(self.pb.TritonError, code, None)
+        error = self.pb.TritonError(message, value) if value is not None else self.pb.TritonError(message)
         return self.pb.InferenceResponse(output_tensors=[], error=error)
+
+    def _invalid(self, message: str):
+        """The request's fault (bad input): INVALID_ARG, clients do not retry it."""
+        return self._error(message, "INVALID_ARG")
+
+    def _failed(self, message: str, exc: BaseException | None = None):
+        """The server's fault: INTERNAL (UNAVAILABLE for out of memory), clients retry on another server."""
+        out_of_memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+        return self._error(message, "UNAVAILABLE" if out_of_memory else "INTERNAL")
 
     def _input(self, request, name: str) -> np.ndarray:
         tensor = self.pb.get_input_tensor_by_name(request, name)
@@ -200,11 +242,16 @@ class _PreprocessBase(_PythonModel):
     def _items(self, request) -> Sequence[Any]:
         raise NotImplementedError
 
+    def _pixels(self, item: Any) -> int:
+        """Pixels the item decodes to (checked for the whole request before anything is decoded)."""
+        raise NotImplementedError
+
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             try:
                 items = self._items(request)
+                check_request_pixels([self._pixels(item) for item in items])
                 prepared = []
                 for index, item in enumerate(items):
                     try:
@@ -215,10 +262,10 @@ class _PreprocessBase(_PythonModel):
                 batch = torch.stack(prepared).numpy()
                 responses.append(self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("PREPARED", batch)]))
             except InvalidImageError as exc:
-                responses.append(self._error(str(exc)))
+                responses.append(self._invalid(str(exc)))
             except Exception as exc:  # an unexpected failure still fails only this request, with its cause
                 log.exception("preprocess failed")
-                responses.append(self._error(f"preprocess failed: {type(exc).__name__}: {exc}"))
+                responses.append(self._failed(f"preprocess failed: {type(exc).__name__}: {exc}", exc))
         return responses
 
 
@@ -234,6 +281,9 @@ class PreprocessModel(_PreprocessBase):
         if not isinstance(item, (bytes, bytearray, np.bytes_)):
             raise InvalidImageError(f"expected encoded image bytes, got {type(item).__name__}")
         return prepare_encoded(bytes(item), self.image_size)
+
+    def _pixels(self, item: Any) -> int:
+        return declared_pixels(bytes(item)) if isinstance(item, (bytes, bytearray, np.bytes_)) else 0
 
     def _warm_up(self) -> None:
         import io
@@ -255,6 +305,9 @@ class FramePreprocessModel(_PreprocessBase):
 
     def _prepare_item(self, item: Any) -> torch.Tensor:
         return prepare_image(item, self.image_size)
+
+    def _pixels(self, item: Any) -> int:
+        return int(item.shape[0]) * int(item.shape[1]) if getattr(item, "ndim", 0) >= 2 else 0
 
     def _warm_up(self) -> None:
         prepare_image(np.zeros((self.image_size + 7, self.image_size + 5, 3), np.uint8), self.image_size)
@@ -306,13 +359,13 @@ class DetectorModel(_PythonModel):
         good = [x for x in inputs if x is not None]
         try:
             results = self.infer(torch.from_numpy(np.concatenate(good))) if good else None
-        except Exception as exc:
+        except Exception as exc:  # the server's fault, not the requests': INTERNAL, so clients retry elsewhere
             log.exception("detector forward pass failed")
-            return [self._error(f"detector failed: {type(exc).__name__}: {exc}") for _ in requests]
+            return [self._failed(f"detector failed: {type(exc).__name__}: {exc}", exc) for _ in requests]
         responses, slices = [], iter(split_counts([len(x) for x in good]))
         for x in inputs:
             if x is None:
-                responses.append(self._error("request has no PREPARED input"))
+                responses.append(self._invalid("request has no PREPARED input"))
                 continue
             part = next(slices)
             responses.append(
@@ -356,8 +409,9 @@ class PostprocessModel(_PythonModel):
                         ]
                     )
                 )
-            except Exception as exc:
-                responses.append(self._error(f"postprocess failed: {type(exc).__name__}: {exc}"))
+            except Exception as exc:  # its inputs come from the detector, not from the client: the server's fault
+                log.exception("postprocess failed")
+                responses.append(self._failed(f"postprocess failed: {type(exc).__name__}: {exc}", exc))
         return responses
 
 
