@@ -1,12 +1,20 @@
-"""Triton serving vs in-process inference of the same MRKD model, side by side.
+"""Network runtimes side by side, in-process and through Triton, on the same MRKD model in one run.
 
   python benchmarks/serving.py                                   # random-weights mobilenet_v2, 256 px, CPU
   python benchmarks/serving.py --checkpoint runs/elpv-mono/checkpoint.pt --seconds 20
-  python benchmarks/serving.py --backbone wide_resnet50_2 --device gpu --instances 2     # on a GPU host
+  python benchmarks/serving.py --runtimes torch,onnxruntime,openvino,openvino:bf16 --concurrency 1,8,32
+  python benchmarks/serving.py --backbone wide_resnet50_2 --device gpu --runtimes torch --instances 2   # GPU host
 
-Prints, for the same encoded ELPV images: in-process `decode_image` + `Detector.predict` throughput at each batch
-size; Triton (mrkd.export -> mrkd.serve -> gRPC, one image per request) throughput and p50/p99 latency at each
-concurrency; and the ratio of the best Triton throughput to the best in-process throughput.
+Each runtime is `NAME` or `NAME:PRECISION` (torch, onnxruntime, openvino; fp32 or bf16). For the same encoded ELPV
+images the script prints:
+  1. network only (teacher + bottleneck + student) at --network-batch: ms/image and max relative error vs torch;
+  2. in-process `decode_image` + `Detector.predict` (resize, network, fused map, calibration): images/s at each
+     batch size;
+  3. Triton (every runtime exported as its own product into one repository, one tritonserver, gRPC, one image per
+     request): images/s and p50/p99 latency at each concurrency;
+and a summary table with each figure's ratio to the first runtime (torch by default). Measurements of different
+runtimes alternate (batch by batch, concurrency by concurrency), so a change of load on a shared machine hits
+them alike; still, compare ratios from one run, not figures across runs.
 """
 from __future__ import annotations
 
@@ -25,16 +33,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mrkd.core.config import ModelConfig  # noqa: E402
+from mrkd.core.preprocess import decode_image, prepare_batch  # noqa: E402
+from mrkd.data import open_dataset  # noqa: E402
+from mrkd.model.network import MRKDModel  # noqa: E402
 from mrkd.runtime.calibration import Calibration  # noqa: E402
 from mrkd.runtime.checkpoint import save_checkpoint  # noqa: E402
-from mrkd.core.config import ModelConfig  # noqa: E402
-from mrkd.data import open_dataset  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
-from mrkd.triton.repository import ExportOptions, export  # noqa: E402
-from mrkd.core.preprocess import decode_image, prepare_batch  # noqa: E402
+from mrkd.runtime.network_runtime import PRECISIONS, RUNTIMES, max_relative_error, verification_batch  # noqa: E402
 from mrkd.triton.launcher import TritonServer  # noqa: E402
-from mrkd.model.network import MRKDModel  # noqa: E402
-
+from mrkd.triton.repository import ExportOptions, export  # noqa: E402
 
 MIN_BATCHES = 5  # a measurement of one or two batches says nothing
 
@@ -52,6 +60,28 @@ class Measurement:
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    runtime: str
+    precision: str  # "auto": the device's default
+
+    @classmethod
+    def parse(cls, text: str) -> "RuntimeChoice":
+        runtime, _, precision = text.partition(":")
+        if runtime not in RUNTIMES or precision not in ("", *PRECISIONS):
+            raise argparse.ArgumentTypeError(f"runtime {text!r}: expected NAME[:PRECISION], NAME one of "
+                                             f"{', '.join(RUNTIMES)}, PRECISION one of {', '.join(PRECISIONS)}")
+        return cls(runtime, precision or "auto")
+
+    @property
+    def label(self) -> str:
+        return self.runtime if self.precision == "auto" else f"{self.runtime}:{self.precision}"
+
+    @property
+    def product(self) -> str:
+        return f"bench_{self.runtime}" + ("" if self.precision == "auto" else f"_{self.precision}")
 
 
 def random_checkpoint(backbone: str, image_size: int, images: list[np.ndarray], path: Path) -> Path:
@@ -76,17 +106,28 @@ def encoded_cells(count: int) -> list[bytes]:
     return out
 
 
+def timed(fn, seconds: float) -> tuple[int, float, list[float]]:
+    """Calls fn() for at least `seconds` (and MIN_BATCHES times) after one warm-up call."""
+    fn()
+    calls, latencies, start = 0, [], time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < MIN_BATCHES:
+        t0 = time.perf_counter()
+        fn()
+        latencies.append((time.perf_counter() - t0) * 1000)
+        calls += 1
+    return calls, time.perf_counter() - start, latencies
+
+
+def bench_network(detector: Detector, x: torch.Tensor, seconds: float) -> Measurement:
+    calls, elapsed, latencies = timed(lambda: detector.network(x), seconds)
+    return Measurement("network", calls * len(x), elapsed, latencies)
+
+
 def bench_in_process(detector: Detector, encoded: list[bytes], batch_size: int, seconds: float) -> Measurement:
     """decode_image + Detector.predict (resize, network, fused map, calibration) on batches of `batch_size`."""
     batch = [encoded[i % len(encoded)] for i in range(batch_size)]
-    detector.predict([decode_image(b) for b in batch])  # warm-up for this shape
-    done, latencies, start = 0, [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < MIN_BATCHES:
-        t0 = time.perf_counter()
-        detector.predict([decode_image(b) for b in batch])
-        latencies.append((time.perf_counter() - t0) * 1000)
-        done += batch_size
-    return Measurement(f"in-process batch {batch_size}", done, time.perf_counter() - start, latencies)
+    calls, elapsed, latencies = timed(lambda: detector.predict([decode_image(b) for b in batch]), seconds)
+    return Measurement(f"in-process batch {batch_size}", calls * batch_size, elapsed, latencies)
 
 
 def bench_triton(url: str, model: str, encoded: list[bytes], concurrency: int, seconds: float) -> Measurement:
@@ -138,60 +179,119 @@ def int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def runtime_list(text: str) -> list[RuntimeChoice]:
+    return [RuntimeChoice.parse(v.strip()) for v in text.split(",") if v.strip()]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="trained checkpoint (default: random weights of --backbone)")
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--runtimes", type=runtime_list, default=runtime_list("torch,onnxruntime,openvino"),
+                   help="NAME[:PRECISION] list; ratios are to the first (default torch,onnxruntime,openvino)")
     p.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 4, 8, 16], help="in-process batch sizes")
-    p.add_argument("--concurrency", type=int_list, default=[1, 8, 32])
+    p.add_argument("--network-batch", type=int, default=8, help="batch of the network-only measurement (0: skip)")
+    p.add_argument("--batch-sizes", type=int_list, default=[1, 8, 16], help="in-process batch sizes")
+    p.add_argument("--concurrency", type=int_list, default=[1, 8, 32], help="Triton client threads (empty: skip)")
     p.add_argument("--images", type=int, default=32, help="distinct ELPV cells cycled through")
     p.add_argument("--instances", type=int, default=1, help="detector instances")
     p.add_argument("--preprocess-instances", type=int, default=1)
-    p.add_argument("--torch-threads", type=int, default=0, help="per detector instance (0 = cores / instances)")
+    p.add_argument("--threads", type=int, default=0, help="per detector instance, every runtime (0 = cores / instances)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--preferred-batch-sizes", type=int_list, default=[])
     return p.parse_args(argv)
 
 
+def ratio_table(title: str, columns: list[str], rows: dict[str, list[Measurement]], unit: str) -> str:
+    """Markdown: one row per runtime, each cell `figure (ratio to the first row)`."""
+    names = list(rows)
+    base = rows[names[0]]
+    lines = [f"{title}", "", "| runtime | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in names:
+        cells = [f"{m.throughput:.1f} {unit} ({m.throughput / b.throughput:.2f}x)" for m, b in zip(rows[name], base)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = "cuda" if args.device == "gpu" else "cpu"
     encoded = encoded_cells(args.images)
+    choices = args.runtimes
     with tempfile.TemporaryDirectory(prefix="mrkd-bench-") as tmp:
         work = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(
             args.backbone, args.image_size, [decode_image(b) for b in encoded], work / "checkpoint.pt")
-        detector = Detector.load(checkpoint, device=device)
-        print(f"model: {detector.config.backbone} {detector.image_size}px on {device}, torch threads "
-              f"{torch.get_num_threads()}, {args.images} ELPV cells as PNG, {args.seconds:.0f} s per measurement")
-        in_process = [bench_in_process(detector, encoded, b, args.seconds) for b in args.batch_sizes]
-        for m in in_process:
-            print(f"  {m.label:<24} {m.throughput:8.1f} images/s   batch latency p50 {m.percentile(50):7.1f} ms")
-        del detector
+        threads = args.threads or max(1, torch.get_num_threads() // args.instances)
+        detectors = {c.label: Detector.load(checkpoint, device=device, runtime=c.runtime, precision=c.precision,
+                                            threads=threads) for c in choices}
+        first = detectors[choices[0].label]
+        print(f"model: {first.config.backbone} {first.image_size}px on {device}, {threads} threads, {args.images} "
+              f"ELPV cells as PNG, {args.seconds:.0f} s per measurement; runtimes: "
+              f"{', '.join(f'{d.runtime} {d.precision}' for d in detectors.values())}", flush=True)
 
-        opts = ExportOptions(name="bench", device=args.device, max_batch_size=args.max_batch_size,
-                             instances=args.instances, preprocess_instances=args.preprocess_instances,
-                             torch_threads=args.torch_threads, max_queue_delay_us=args.max_queue_delay_us,
-                             preferred_batch_sizes=args.preferred_batch_sizes)
-        result = export(checkpoint, work / "repo", opts)
-        triton = []
-        with TritonServer(work / "repo", grpc_port=0, http_port=0, metrics_port=0,
-                          log_file=work / "server.log") as server:
-            bench_triton(server.grpc_url, result.models["ensemble"], encoded, max(args.concurrency), 2.0)  # warm-up
-            for c in args.concurrency:
-                m = bench_triton(server.grpc_url, result.models["ensemble"], encoded, c, args.seconds)
-                triton.append(m)
-                print(f"  {m.label:<24} {m.throughput:8.1f} images/s   latency p50 {m.percentile(50):7.1f} ms  "
-                      f"p99 {m.percentile(99):7.1f} ms")
-    best_in = max(in_process, key=lambda m: m.throughput)
-    best_triton = max(triton, key=lambda m: m.throughput)
-    ratio = best_triton.throughput / best_in.throughput
-    print(f"best in-process: {best_in.throughput:.1f} images/s ({best_in.label}); best Triton: "
-          f"{best_triton.throughput:.1f} images/s ({best_triton.label}); Triton / in-process = {ratio:.2f}")
+        if args.network_batch:
+            x = verification_batch(first.image_size, args.network_batch).to(device)
+            reference = detectors[choices[0].label].network(x)
+            print(f"network only (teacher + bottleneck + student), batch {args.network_batch}:")
+            for label, detector in detectors.items():
+                m = bench_network(detector, x, args.seconds)
+                error = max_relative_error(detector.network(x), reference)
+                print(f"  {label:<20} {1000 * m.seconds / m.images:7.1f} ms/image   max relative error vs "
+                      f"{choices[0].label} {error:.1e}", flush=True)
+
+        in_process: dict[str, list[Measurement]] = {label: [] for label in detectors}
+        for batch_size in args.batch_sizes:
+            for label, detector in detectors.items():
+                m = bench_in_process(detector, encoded, batch_size, args.seconds)
+                in_process[label].append(m)
+                print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s   batch latency p50 "
+                      f"{m.percentile(50):7.1f} ms", flush=True)
+        detectors.clear()
+
+        triton: dict[str, list[Measurement]] = {c.label: [] for c in choices}
+        if args.concurrency:
+            calibration_images = work / "calibration-images"  # bf16 exports are checked (and recalibrated) here
+            calibration_images.mkdir()
+            for i, blob in enumerate(encoded):
+                (calibration_images / f"cell{i:03d}.png").write_bytes(blob)
+            models = {}
+            for c in choices:
+                opts = ExportOptions(
+                    name=c.product, device=args.device, max_batch_size=args.max_batch_size, instances=args.instances,
+                    preprocess_instances=args.preprocess_instances, torch_threads=args.threads,
+                    max_queue_delay_us=args.max_queue_delay_us, preferred_batch_sizes=args.preferred_batch_sizes,
+                    runtime=c.runtime, precision=c.precision,
+                    calibration_images=str(calibration_images) if c.precision == "bf16" else None,
+                    recalibrate=c.precision == "bf16" and args.device == "cpu")
+                models[c.label] = export(checkpoint, work / "repo", opts).models["ensemble"]
+            with TritonServer(work / "repo", grpc_port=0, http_port=0, metrics_port=0,
+                              log_file=work / "server.log") as server:
+                for model in models.values():  # warm-up at the highest concurrency
+                    bench_triton(server.grpc_url, model, encoded, max(args.concurrency), 2.0)
+                for concurrency in args.concurrency:
+                    for label, model in models.items():
+                        m = bench_triton(server.grpc_url, model, encoded, concurrency, args.seconds)
+                        triton[label].append(m)
+                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s   latency p50 "
+                              f"{m.percentile(50):7.1f} ms  p99 {m.percentile(99):7.1f} ms", flush=True)
+
+    print()
+    print(ratio_table("in-process images/s (ratio to the first runtime)",
+                      [f"batch {b}" for b in args.batch_sizes], in_process, "img/s"))
+    if args.concurrency:
+        print()
+        print(ratio_table("Triton images/s over gRPC (ratio to the first runtime)",
+                          [f"concurrency {c}" for c in args.concurrency], triton, "img/s"))
+        print()
+        for label in triton:
+            best_in = max(in_process[label], key=lambda m: m.throughput)
+            best_triton = max(triton[label], key=lambda m: m.throughput)
+            print(f"{label}: best Triton {best_triton.throughput:.1f} images/s ({best_triton.label}) = "
+                  f"{best_triton.throughput / best_in.throughput:.2f} x best in-process ({best_in.label})")
     return 0
 
 

@@ -2,6 +2,9 @@
 
 Examples:
   python -m mrkd.export --checkpoint runs/elpv-mono/checkpoint.pt --repo model_repository
+  python -m mrkd.export --checkpoint runs/elpv-mono/checkpoint.pt --repo model_repository --runtime openvino
+  python -m mrkd.export --checkpoint runs/elpv-mono/checkpoint.pt --repo model_repository --runtime openvino \
+      --precision bf16 [--calibration-images DIR] [--recalibrate]
   python -m mrkd.export --checkpoint runs/bottle/checkpoint.pt --repo model_repository --name bottle --device gpu
 
 Naming: product NAME (default "mrkd") owns six models in the repository:
@@ -18,6 +21,13 @@ its calibration. model.py files are one-line imports of mrkd.triton.models, so t
 One export is one version of all six models, every config pinned to it, published all at once after everything was
 written and synced: a failed or interrupted export leaves the previous version served whole, and two exports at the
 same time get two versions (mrkd/triton/repository.py says how).
+
+Runtime of the detector network (--runtime): onnxruntime (the CPU default: the fastest exact one measured here),
+openvino or torch (the GPU default). The network is exported as network.onnx (and OpenVINO IR network.xml/.bin for
+openvino) into the detector's version folder, checked against torch on the spot: the max relative error is printed
+and an fp32 network above 1e-4 is refused. --precision bf16 (openvino or torch, opt-in) is scored next to fp32 on
+real images (the checkpoint's test split, or --calibration-images) and refused when more than 0.5% of the verdicts
+change, unless --recalibrate fits the threshold to the bf16 scores.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ import sys
 from pathlib import Path
 
 from .core.config import ModelConfig
+from .runtime.network_runtime import DEFAULT_CPU_RUNTIME, PRECISIONS, RUNTIMES
 from .triton.models import MAP_DTYPES
 from .triton.repository import DEFAULT_NAME, ExportError, ExportOptions, export, write_configs
 
@@ -53,8 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--map-size", type=int, default=64, help="ANOMALY_MAP resolution (default 64)")
     p.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default="fp16")
     p.add_argument("--instances", type=int, default=1, help="detector instances")
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch threads per detector instance on CPU (0 = cores / instances)")
+    p.add_argument("--threads", "--torch-threads", dest="torch_threads", type=int, default=0,
+                   help="threads per detector instance on CPU, for every runtime (0 = cores / instances)")
+    p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
+                   help=f"detector network runtime (auto: {DEFAULT_CPU_RUNTIME} on cpu, torch on gpu)")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                   help="network precision (auto: fp32 on cpu, bf16 autocast on gpu); bf16 on cpu is checked "
+                        "on real images")
+    p.add_argument("--calibration-images", metavar="DIR",
+                   help="normal images of the product for the bf16 check (default: the checkpoint's data)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="bf16: fit the threshold to the bf16 scores instead of refusing a model whose verdicts change")
     p.add_argument("--preprocess-instances", type=int, default=1)
     p.add_argument("--max-queue-delay-us", type=int, default=ExportOptions.max_queue_delay_us)
     p.add_argument("--preferred-batch-sizes", type=_int_list, default=[], help="e.g. 4,8,16")
@@ -76,6 +96,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         map_dtype=args.map_dtype, instances=args.instances, torch_threads=args.torch_threads,
         preprocess_instances=args.preprocess_instances, max_queue_delay_us=args.max_queue_delay_us,
         preferred_batch_sizes=args.preferred_batch_sizes, warmup_batch_sizes=args.warmup_batch_sizes,
+        runtime=args.runtime, precision=args.precision, calibration_images=args.calibration_images,
+        recalibrate=args.recalibrate,
     )
 
 
@@ -96,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {args.checkpoint} as version {result.version} of "
           f"{', '.join(result.models.values())} in {result.repo} ({opts.device}, map {opts.map_size}px "
           f"{opts.map_dtype}, max batch {opts.max_batch_size})")
+    network = result.network
+    if network is not None:
+        line = f"detector network: {network.runtime} {network.precision}"
+        if network.manifest is not None:
+            line += (f", max relative error vs torch {network.manifest.max_relative_error:.1e} (features), "
+                     f"{network.manifest.score_relative_error:.1e} (scores)")
+        print(line)
+        if network.precision_report is not None:
+            print(f"precision check: {network.precision_report.summary()}")
     print(f"serve it: python -m mrkd.serve --repo {result.repo}")
     return 0
 

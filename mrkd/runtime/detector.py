@@ -1,11 +1,12 @@
 """In-process inference: checkpoint -> raw scores, raw maps, normalised scores and verdicts.
 
 Evaluation, the Triton detector model and the client's reference checks all go through this class, so a score
-computed here and one served by Triton come from the same code.
+computed here and one served by Triton come from the same code. The network runs on the runtime chosen at load
+(torch, onnxruntime or openvino: mrkd.runtime.network_runtime); the fused anomaly map always runs here, on its
+features.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,10 +16,15 @@ import torch
 
 from .calibration import Calibration
 from .checkpoint import load_checkpoint
+from .network_runtime import NetworkRunner, TorchRunner, file_sha256, load_runner, resolve_precision
 from ..core.config import ModelConfig
 from ..ops import anomaly_map
 from ..core.preprocess import normalize, prepare_batch
 from ..model.network import MRKDModel
+
+
+class NonFiniteScoreError(RuntimeError):
+    """The network produced NaN or Inf anomaly scores: never reported as a (normal) verdict."""
 
 
 @dataclass
@@ -42,26 +48,45 @@ class Detector:
         calibration: Calibration,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
+        network: NetworkRunner | None = None,
     ) -> None:
+        """`network`: the runner of `model` to use (default: torch at the device's default precision)."""
         self.device = torch.device(device)
         self.config = config
         self.calibration = calibration
         self.batch_size = batch_size
-        self.model = model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.network = network or TorchRunner(model, self.device, resolve_precision("auto", self.device))
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", batch_size: int = 16) -> "Detector":
-        return cls.from_payload(load_checkpoint(checkpoint, map_location="cpu"), device, batch_size)
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,
+             runtime: str = "torch", precision: str = "auto", threads: int | None = None,
+             network_dir: str | Path | None = None) -> "Detector":
+        """`runtime`: torch | onnxruntime | openvino (see mrkd.runtime.network_runtime); `precision`: fp32 | bf16 |
+        auto (bf16 on CUDA, fp32 on CPU); `threads`: ONNX Runtime / OpenVINO threads (default: torch's count);
+        `network_dir`: a folder with the converted network written by mrkd.export (default: convert now)."""
+        data = load_checkpoint(checkpoint, map_location="cpu")
+        path = Path(checkpoint) / "checkpoint.pt" if Path(checkpoint).is_dir() else Path(checkpoint)
+        sha = file_sha256(path) if network_dir is not None and runtime != "torch" else None
+        return cls.from_payload(data, device, batch_size, runtime, precision, threads, network_dir, sha)
 
     @classmethod
-    def from_payload(cls, data: dict, device: str | torch.device = "cpu", batch_size: int = 16) -> "Detector":
+    def from_payload(cls, data: dict, device: str | torch.device = "cpu", batch_size: int = 16,
+                     runtime: str = "torch", precision: str = "auto", threads: int | None = None,
+                     network_dir: str | Path | None = None, checkpoint_sha256: str | None = None) -> "Detector":
         """From an already loaded checkpoint (see mrkd.runtime.checkpoint.load_checkpoint)."""
         config = ModelConfig.from_dict(data["model_config"])
         model = MRKDModel.from_config(config)
         model.load_state_dict(data["state_dict"])
-        return cls(model, config, Calibration.from_dict(data["calibration"]), device, batch_size)
+        network = load_runner(model, config, runtime, precision, device, threads, network_dir, checkpoint_sha256)
+        return cls(model, config, Calibration.from_dict(data["calibration"]), device, batch_size, network)
+
+    @property
+    def runtime(self) -> str:
+        return self.network.runtime
+
+    @property
+    def precision(self) -> str:
+        return self.network.precision
 
     @property
     def image_size(self) -> int:
@@ -84,14 +109,12 @@ class Detector:
     def raw_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, 3, S, S] -> (raw maps [B, S, S], raw scores [B]) on the detector's device."""
         x = normalize(batch.to(self.device, non_blocking=True))
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        )
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            teacher, student = self.model(x)
+        teacher, student = self.network(x)
         maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), self.config.blur_sigma)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteScoreError(f"the {self.runtime} {self.precision} network gave NaN/Inf anomaly scores for "
+                                      f"batch items {bad}; the model or its conversion is broken")
         return maps[:, 0], scores
 
     def predict_prepared(self, batch: torch.Tensor) -> Prediction:

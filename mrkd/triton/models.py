@@ -3,7 +3,8 @@
 Models of one product (export names them from the product name, e.g. "mrkd" or "bottle"):
   {name}_preprocess        IMAGE (encoded bytes)        -> PREPARED uint8 [3, S, S]    (decode_image + prepare_image)
   {name}_frame_preprocess  FRAME (uint8 H x W x 3)      -> PREPARED uint8 [3, S, S]    (prepare_image)
-  {name}_detector          PREPARED                     -> RAW_SCORE [1], RAW_MAP [M, M] (Detector: network + fused map)
+  {name}_detector          PREPARED                     -> RAW_SCORE [1], RAW_MAP [M, M] (Detector: network on the
+                                                           configured runtime + fused map)
   {name}_postprocess       RAW_SCORE, RAW_MAP           -> SCORE, IS_ANOMALOUS, ANOMALY_MAP (calibration)
 
 The python backend hands execute() a list of requests (a dynamic batch), each holding one or more images. Every
@@ -328,7 +329,13 @@ class DetectorModel(_PythonModel):
                 f"first: python -m mrkd.export --checkpoint CKPT --repo <repository>"
             )
         self.map_size = int(self.ctx.parameter("map_size"))
-        self.detector = Detector.load(checkpoint, device=self.ctx.torch_device)
+        # the network on the runtime the export chose and checked (its files sit beside the checkpoint), with the
+        # instance's threads; versions exported before runtimes existed run torch
+        self.detector = Detector.load(
+            checkpoint, device=self.ctx.torch_device, runtime=self.ctx.parameter("runtime", "torch"),
+            precision=self.ctx.parameter("precision", "auto"), threads=torch.get_num_threads(),
+            network_dir=self.ctx.version_dir)
+        log.info("model %s: network on %s %s", self.ctx.name, self.detector.runtime, self.detector.precision)
         expected = int(self.ctx.parameter("image_size"))
         if self.detector.image_size != expected:
             raise ServingError(

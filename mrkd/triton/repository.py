@@ -35,8 +35,9 @@ from pathlib import Path
 
 from ..core.config import ModelConfig
 from ..core.files import atomic_path, file_lock, fsync_path
-from ..runtime.calibration import Calibration
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
+from ..runtime.network_export import PreparedNetwork, prepare_network
+from ..runtime.network_runtime import DEFAULT_CPU_RUNTIME, PRECISIONS, RUNTIMES, NetworkRuntimeError
 from .models import CALIBRATION_FILE, CHECKPOINT_FILE, MAP_DTYPES
 
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # matched entirely (fullmatch): no trailing newline
@@ -79,6 +80,22 @@ class ExportOptions:
     max_queue_delay_us: int = 2000
     preferred_batch_sizes: list[int] = field(default_factory=list)
     warmup_batch_sizes: list[int] = field(default_factory=lambda: [1])
+    runtime: str = "auto"  # the detector network's runtime; auto: onnxruntime on CPU, torch on GPU
+    precision: str = "auto"  # fp32 | bf16; auto: fp32 on CPU, bf16 autocast on GPU (as before)
+    calibration_images: str | None = None  # real images for the bf16 check (default: the checkpoint's data)
+    recalibrate: bool = False  # bf16: fit the calibration to the bf16 scores instead of refusing
+
+    @property
+    def detector_runtime(self) -> str:
+        if self.runtime != "auto":
+            return self.runtime
+        return "torch" if self.device == "gpu" else DEFAULT_CPU_RUNTIME
+
+    @property
+    def detector_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.device == "gpu" else "fp32"
 
     def validate(self) -> None:
         if not NAME_PATTERN.fullmatch(self.name):
@@ -93,6 +110,12 @@ class ExportOptions:
                 raise ExportError(f"{label} must be at least 1, got {value}")
         if self.torch_threads < 0 or self.max_queue_delay_us < 0:
             raise ExportError("--torch-threads and --max-queue-delay-us must not be negative")
+        if self.runtime not in ("auto", *RUNTIMES) or self.precision not in ("auto", *PRECISIONS):
+            raise ExportError(f"--runtime must be auto or one of {', '.join(RUNTIMES)} and --precision auto or one "
+                              f"of {', '.join(PRECISIONS)}, got {self.runtime!r} / {self.precision!r}")
+        if self.device == "gpu" and self.detector_runtime != "torch":
+            raise ExportError(f"--runtime {self.runtime} runs on the CPU; on a GPU the detector runs torch "
+                              f"(docs/serving.md: how ONNX Runtime's CUDA/TensorRT providers would plug in)")
         too_big = [b for b in self.preferred_batch_sizes + self.warmup_batch_sizes if not 1 <= b <= self.max_batch_size]
         if too_big:
             raise ExportError(f"batch sizes {too_big} are outside 1..--max-batch-size ({self.max_batch_size})")
@@ -103,6 +126,7 @@ class ExportResult:
     repo: Path
     version: int
     models: dict[str, str]  # role -> model name
+    network: PreparedNetwork | None = None  # the detector network's conversion and precision check
 
 
 def model_names(name: str) -> dict[str, str]:
@@ -214,7 +238,8 @@ def render_configs(image_size: int, opts: ExportOptions, version: int | None = N
             f'  {{ name: "RAW_MAP" data_type: TYPE_FP32 dims: [ {m}, {m} ] }}\n]',
             f"instance_group [ {{ count: {opts.instances} kind: {kind} }} ]",
             {"image_size": s, "map_size": m, "torch_threads": opts.torch_threads,
-             "warmup_batch_sizes": ",".join(map(str, opts.warmup_batch_sizes))},
+             "warmup_batch_sizes": ",".join(map(str, opts.warmup_batch_sizes)),
+             "runtime": opts.detector_runtime, "precision": opts.detector_precision},
             batching, version),
         names["postprocess"]: _python_model(
             names["postprocess"], "postprocess", opts,
@@ -385,40 +410,49 @@ def export(checkpoint: str | Path, repo: str | Path, opts: ExportOptions, versio
     if checkpoint.is_dir():
         checkpoint = checkpoint / CHECKPOINT_FILE
     model_config = ModelConfig.from_dict(data["model_config"])
-    calibration = Calibration.from_dict(data["calibration"])
     if version is not None and version < 1:
         raise ExportError(f"--version must be at least 1, got {version}")
     names = model_names(opts.name)
-    repo.mkdir(parents=True, exist_ok=True)
-    with repository_lock(repo) as locked:
-        if not locked:
-            raise ExportError(f"cannot write to the model repository {repo}")
-        finish_interrupted_exports(repo)
-        present = existing_versions(repo, opts.name)
-        if version is None:
-            version = (max(present) + 1) if present else 1
-        elif version in present:
-            raise ExportError(
-                f"version {version} of product {opts.name!r} already exists in {repo}; pick another --version")
-        export_info = json.dumps({
-            "source_checkpoint": str(checkpoint), "version": version,
-            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model_config": model_config.to_dict(), "calibration": calibration.to_dict(), "options": asdict(opts),
-        }, indent=2, sort_keys=True) + "\n"
-        # role -> the files of its version folder (text, or a file to copy)
-        contents: dict[str, dict[str, str | Path]] = {
-            "ensemble": {},
-            "raw_ensemble": {},
-            "preprocess": {"model.py": model_py_source("preprocess")},
-            "frame_preprocess": {"model.py": model_py_source("frame_preprocess")},
-            "detector": {"model.py": model_py_source("detector"), CHECKPOINT_FILE: checkpoint,
-                         "export.json": export_info},
-            "postprocess": {"model.py": model_py_source("postprocess"),
-                            CALIBRATION_FILE: json.dumps(calibration.to_dict(), indent=2) + "\n"},
-        }
-        configs = render_configs(model_config.image_size, opts, version)
-        ensembles = (names["ensemble"], names["raw_ensemble"])  # published last: they name the steps' version
-        ordered = {m: t for m, t in configs.items() if m not in ensembles} | {m: configs[m] for m in ensembles}
-        renames = _stage(repo, version, {names[role]: files for role, files in contents.items()}, ordered)
-        _publish(repo, opts.name, version, renames)
-    return ExportResult(repo=repo, version=version, models=names)
+    try:  # the converted network (checked against torch) and, for bf16, its check on real images
+        network = prepare_network(checkpoint, data, opts.detector_runtime, opts.detector_precision, opts.device,
+                                  opts.calibration_images, opts.recalibrate)
+    except NetworkRuntimeError as exc:
+        raise ExportError(f"cannot export: {exc}") from exc
+    calibration = network.calibration
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        with repository_lock(repo) as locked:
+            if not locked:
+                raise ExportError(f"cannot write to the model repository {repo}")
+            finish_interrupted_exports(repo)
+            present = existing_versions(repo, opts.name)
+            if version is None:
+                version = (max(present) + 1) if present else 1
+            elif version in present:
+                raise ExportError(
+                    f"version {version} of product {opts.name!r} already exists in {repo}; pick another --version")
+            export_info = json.dumps({
+                "source_checkpoint": str(checkpoint), "version": version,
+                "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model_config": model_config.to_dict(), "calibration": calibration.to_dict(), "options": asdict(opts),
+                "network": network.info(),
+            }, indent=2, sort_keys=True) + "\n"
+            # role -> the files of its version folder (text, or a file to copy)
+            contents: dict[str, dict[str, str | Path]] = {
+                "ensemble": {},
+                "raw_ensemble": {},
+                "preprocess": {"model.py": model_py_source("preprocess")},
+                "frame_preprocess": {"model.py": model_py_source("frame_preprocess")},
+                "detector": {"model.py": model_py_source("detector"), CHECKPOINT_FILE: checkpoint,
+                             "export.json": export_info, **network.paths()},
+                "postprocess": {"model.py": model_py_source("postprocess"),
+                                CALIBRATION_FILE: json.dumps(calibration.to_dict(), indent=2) + "\n"},
+            }
+            configs = render_configs(model_config.image_size, opts, version)
+            ensembles = (names["ensemble"], names["raw_ensemble"])  # published last: they name the steps' version
+            ordered = {m: t for m, t in configs.items() if m not in ensembles} | {m: configs[m] for m in ensembles}
+            renames = _stage(repo, version, {names[role]: files for role, files in contents.items()}, ordered)
+            _publish(repo, opts.name, version, renames)
+    finally:
+        network.cleanup()
+    return ExportResult(repo=repo, version=version, models=names, network=network)
