@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .events import CAMERA_RUNNING, CAMERA_STOPPED, RunObserver
 from .frame_queue import FrameQueue, QueueClosed
 from .inspection import InspectionClient, InspectionError, InspectionResult
 from .report import STATUS_DROPPED, STATUS_ERROR, STATUS_OK, CameraStats, JsonlWriter, save_heatmap_overlay
@@ -66,6 +67,7 @@ class MultiCameraRunner:
         client: InspectionClient,
         writer: JsonlWriter,
         options: RunOptions | None = None,
+        observer: RunObserver | None = None,
     ):
         names = [name for name, _ in cameras]
         if not cameras:
@@ -78,6 +80,8 @@ class MultiCameraRunner:
         self.cameras = [_Camera(name, source, self.options) for name, source in cameras]
         self.stop_event = threading.Event()
         self.abort_event = threading.Event()  # stop waiting for answers in flight (a second Ctrl-C)
+        self.observer = observer or RunObserver()
+        self._observer_failed = False
 
     @property
     def stats(self) -> list[CameraStats]:
@@ -97,7 +101,8 @@ class MultiCameraRunner:
         deadline = time.monotonic() + self.options.duration if self.options.duration else None
         for camera in self.cameras:
             camera.stats.started = time.monotonic()
-            for target, role in ((self._read, "reader"), (self._dispatch, "dispatcher")):
+            self._notify("camera_state", camera.name, CAMERA_RUNNING)
+            for target, role in ((self._read, "reader"), (self._dispatch_until_done, "dispatcher")):
                 thread = threading.Thread(target=target, args=(camera,), name=f"{camera.name}-{role}", daemon=True)
                 camera.threads.append(thread)
                 thread.start()
@@ -146,6 +151,12 @@ class MultiCameraRunner:
                 self._record_drop(camera, frame, "stopped before it was sent")
                 return
 
+    def _dispatch_until_done(self, camera: _Camera) -> None:
+        try:
+            self._dispatch(camera)
+        finally:
+            self._notify("camera_state", camera.name, CAMERA_STOPPED)
+
     def _dispatch(self, camera: _Camera) -> None:
         while not self.stop_event.is_set():
             if not camera.slots.acquire(timeout=_POLL_S):
@@ -182,6 +193,7 @@ class MultiCameraRunner:
             finally:
                 camera.slots.release()
 
+        self._notify("frame_sent", camera.name, frame)
         try:
             self.client.submit(frame.image, done)
         except Exception as exc:  # the frame could not be encoded: nothing was sent
@@ -219,12 +231,14 @@ class MultiCameraRunner:
             camera, frame, STATUS_OK, sent=True,
             server=result.server, latency_ms=round(result.latency_ms, 3), score=result.score,
             raw_score=result.raw_score, verdict=result.verdict, attempts=result.attempts, heatmap=heatmap,
+            answer=result,
         )
 
     def _record_drop(self, camera: _Camera, frame: Frame, reason: str) -> None:
         self._record(camera, frame, STATUS_DROPPED, drop_reason=reason)
 
-    def _record(self, camera: _Camera, frame: Frame, status: str, sent: bool = False, **fields: Any) -> None:
+    def _record(self, camera: _Camera, frame: Frame, status: str, sent: bool = False,
+                answer: InspectionResult | None = None, **fields: Any) -> None:
         """Writes the frame's line. A sent frame is recorded by whoever takes it out of `pending` first (its
         answer, or the shutdown's 'no answer'), so a late answer cannot give a frame a second line."""
         if sent:
@@ -242,3 +256,14 @@ class MultiCameraRunner:
         record.update({k: v for k, v in fields.items() if v is not None})
         self.writer.write(record)
         camera.stats.add(status, fields.get("latency_ms"), fields.get("verdict") == "anomalous")
+        self._notify("frame_recorded", camera.name, frame, record, answer)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Tells the observer (see client/events.py); an observer that raises is reported once, never fatal."""
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception as exc:
+            if not self._observer_failed:
+                self._observer_failed = True
+                print(f"observer {type(self.observer).__name__}.{event} failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
