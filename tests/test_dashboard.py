@@ -292,7 +292,8 @@ def test_pushes_are_throttled_whatever_the_frame_rate(tmp_path):
     options = DashboardOptions(push_interval_s=0.25, thumbnails_per_s=2.0)
     dashboard = Dashboard("127.0.0.1", 0, cameras, options=options)
     url = dashboard.start()
-    frames = {name: list(source.read(name))[:10] for name, source in cameras}
+    frames = {name: list(SyntheticSource(parse_synthetic(f"synthetic:size=64,count=10,seed={i}"),
+                                         SourceOptions()).read(name)) for i, (name, _) in enumerate(cameras)}
     heat = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     fed = Counter()
     messages: list[dict] = []
@@ -397,3 +398,27 @@ def test_a_score_that_is_not_a_number_is_never_a_normal_verdict():
     values = {s.labels["verdict"]: s.value for s in families["mrkd_frames"].samples if s.name == "mrkd_frames_total"}
     assert values == {"normal": 0.0, "anomalous": 0.0, "invalid": 3.0}
     json.dumps(state.snapshot(), allow_nan=False)  # the page never gets NaN
+
+
+def test_no_thumbnails_are_made_while_nobody_watches():
+    cameras = synthetic_cameras(1)
+    dashboard = Dashboard("127.0.0.1", 0, cameras, options=DashboardOptions(push_interval_s=0.1))
+    url = dashboard.start()
+    frame = next(iter(cameras[0][1].read("cam0")))
+    record = {"frame": 0, "status": "ok", "score": 0.9, "verdict": "anomalous", "latency_ms": 3.0}
+    try:
+        dashboard.state.frame_recorded("cam0", frame, record, Answer(np.ones((8, 8), np.float32)))
+        time.sleep(0.5)  # several ticks
+        camera = get_json(url + "api/cameras")["cameras"][0]
+        assert camera["answered"] == 1 and camera["latest"] is None and camera["anomalies"] == []
+        with urllib.request.urlopen(url + "api/events", timeout=10) as stream:  # a page opens
+            for line in stream:
+                if line.startswith(b"data: ") and json.loads(line[6:])["cameras"][0]["latest"]:
+                    break
+        camera = get_json(url + "api/cameras")["cameras"][0]
+        assert camera["latest"]["frame"] == 0 and [a["frame"] for a in camera["anomalies"]] == [0]
+        status, body, content_type = get(url + camera["anomalies"][0]["image"].lstrip("/"))
+        assert status == 200 and content_type == "image/jpeg"
+        assert Image.open(io.BytesIO(body)).size == (64, 64)
+    finally:
+        dashboard.stop()

@@ -9,7 +9,8 @@ Routes:
   /metrics                                  Prometheus text format (prometheus-client)
 
 A tick thread (not the inference path) does the periodic work: it reads the server pool's readiness, renders the
-frames kept since the last tick into thumbnails and publishes one snapshot that every open page receives.
+frames kept since the last tick into thumbnails and publishes one snapshot that every open page receives. Nobody
+watching (no open page, no image asked for in the last IMAGE_INTEREST_S seconds): no thumbnails are made at all.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).resolve().parent / "static"
 _ADDRESS = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):(\d{1,5})$")
 _SSE_POLL_S = 0.1  # how often an open event stream looks for a new snapshot
+IMAGE_INTEREST_S = 10.0  # after an image request, thumbnails are made for this long even without an open page
 
 
 class DashboardError(RuntimeError):
@@ -66,6 +68,8 @@ class Dashboard:
         self._published: tuple[int, str] = (0, json.dumps(self.state.snapshot()))
         self._closing = threading.Event()
         self._tick_lock = threading.Lock()  # the tick thread, start() and finish() all tick
+        self._watchers = 0  # open event streams (pages)
+        self._images_wanted_until = 0.0  # monotonic
         self._server = None
         self._threads: list[threading.Thread] = []
 
@@ -133,7 +137,8 @@ class Dashboard:
                     self.state.server_state(server.url, server.ready, "" if server.ready else server.last_error)
                     self.state.update_server(server.url, requests=server.requests, in_flight=server.in_flight,
                                              failures=server.failures)
-            self.state.render_pending()
+            if self._watchers > 0 or time.monotonic() < self._images_wanted_until:
+                self.state.render_pending()
             version = self._published[0] + 1
             self._published = (version, json.dumps(self.state.snapshot(), allow_nan=False))
 
@@ -154,6 +159,7 @@ class Dashboard:
             return camera
 
         def jpeg(data: bytes | None, what: str) -> Response:
+            self._images_wanted_until = time.monotonic() + IMAGE_INTEREST_S
             if data is None:
                 return JSONResponse({"error": f"no {what} yet"}, status_code=404, headers=no_store)
             return Response(data, media_type="image/jpeg", headers=no_store)
@@ -180,14 +186,18 @@ class Dashboard:
 
         async def events(request: Request) -> Response:
             async def stream():
-                yield "retry: 1000\n\n"
-                seen = -1
-                while not self._closing.is_set():
-                    version, payload = self._published
-                    if version != seen:
-                        seen = version
-                        yield f"id: {version}\ndata: {payload}\n\n"
-                    await asyncio.sleep(_SSE_POLL_S)
+                self._watchers += 1  # only the event loop's thread changes it
+                try:
+                    yield "retry: 1000\n\n"
+                    seen = -1
+                    while not self._closing.is_set():
+                        version, payload = self._published
+                        if version != seen:
+                            seen = version
+                            yield f"id: {version}\ndata: {payload}\n\n"
+                        await asyncio.sleep(_SSE_POLL_S)
+                finally:
+                    self._watchers -= 1
 
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={**no_store, "X-Accel-Buffering": "no"})

@@ -113,7 +113,7 @@ function drawChart(canvas, points, snapshot) {
     canvas.height = height;
   }
   const ctx = canvas.getContext("2d");
-  const pad = {left: 30 * ratio, right: 6 * ratio, top: 6 * ratio, bottom: 16 * ratio};
+  const pad = {left: 30 * ratio, right: 8 * ratio, top: 10 * ratio, bottom: 16 * ratio};
   const w = width - pad.left - pad.right, h = height - pad.top - pad.bottom;
   const span = snapshot.chart_seconds, now = snapshot.time;
   const x = t => pad.left + w * (1 - (now - t) / span);
@@ -140,15 +140,16 @@ function drawChart(canvas, points, snapshot) {
   ctx.lineWidth = 1.5 * ratio;
   ctx.beginPath();
   let previous = null;
-  for (const [t, s] of points) {
+  for (const [t, s] of points) {  // a gap of more than 15 s (no answers) breaks the line
     if (now - t > span) continue;
-    if (previous === null || t - previous > 2) ctx.moveTo(x(t), y(s)); else ctx.lineTo(x(t), y(s));
+    if (previous === null || t - previous > 15) ctx.moveTo(x(t), y(s)); else ctx.lineTo(x(t), y(s));
     previous = t;
   }
   ctx.stroke();
-  ctx.fillStyle = "#b3261e";  // seconds above the threshold
-  for (const [t, s] of points) {
-    if (now - t <= span && s > snapshot.threshold) ctx.fillRect(x(t) - ratio, y(s) - ratio, 2 * ratio, 2 * ratio);
+  for (const [t, s] of points) {  // every second with answers: a dot, red above the threshold
+    if (now - t > span) continue;
+    ctx.fillStyle = s > snapshot.threshold ? "#b3261e" : "#1a73e8";
+    ctx.fillRect(x(t) - 1.5 * ratio, y(s) - 1.5 * ratio, 3 * ratio, 3 * ratio);
   }
 }
 
