@@ -51,6 +51,7 @@ class Run:
     seconds: float
     answered: int
     cpu_s: float  # the client process's user + system CPU time over those seconds
+    dashboard_cpu_s: float = 0.0  # of which the dashboard's own threads (mrkd_dashboard_cpu_seconds_total)
     pushes_seen: int = 0
     images_fetched: int = 0
 
@@ -70,6 +71,21 @@ def cpu_seconds(pid: int) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dashboard_cpu(base: str) -> float | None:
+    """mrkd_dashboard_cpu_seconds_total from the client's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = urllib.request.urlopen(base + "metrics", timeout=5).read().decode()
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mrkd_dashboard_cpu_seconds_total":
+                return sample.value
+    return None
 
 
 def answered_lines(path: Path) -> int:
@@ -137,14 +153,17 @@ def run_client(url: str, cameras: list[str], seconds: float, dashboard: bool, wo
     out = work / f"run-{time.monotonic_ns()}.jsonl"
     extra: list[str] = []
     viewer = None
+    base = ""
     if dashboard:
         port = free_port()
+        base = f"http://127.0.0.1:{port}/"
         extra = ["--dashboard", f"127.0.0.1:{port}"]
-        viewer = Viewer(f"http://127.0.0.1:{port}/")
+        viewer = Viewer(base)
         viewer.start()
     process = subprocess.Popen(client_command(url, cameras, out, seconds + 5, extra), cwd=ROOT,
                                stderr=subprocess.DEVNULL)
     first = last = None  # (time, cpu seconds, answered lines)
+    dashboard_first = dashboard_last = 0.0
     while process.poll() is None:
         time.sleep(0.25)
         sample = (time.monotonic(), cpu_seconds(process.pid), answered_lines(out))
@@ -153,9 +172,11 @@ def run_client(url: str, cameras: list[str], seconds: float, dashboard: bool, wo
         if first is None:
             if sample[2] > 0:
                 first = sample
+                dashboard_first = (dashboard_cpu(base) or 0.0) if dashboard else 0.0
         else:
             last = sample
             if last[0] - first[0] >= seconds:
+                dashboard_last = (dashboard_cpu(base) or 0.0) if dashboard else 0.0
                 break
     process.terminate()  # as Ctrl-C
     code = process.wait()
@@ -165,7 +186,7 @@ def run_client(url: str, cameras: list[str], seconds: float, dashboard: bool, wo
         raise SystemExit(f"the client exited with status {code} before it ran {seconds:g} s")
     read_jsonl(out)  # one line per frame, complete
     return Run(dashboard, last[0] - first[0], last[2] - first[2], last[1] - first[1],
-               viewer.pushes if viewer else 0, viewer.images if viewer else 0)
+               dashboard_last - dashboard_first, viewer.pushes if viewer else 0, viewer.images if viewer else 0)
 
 
 def measure_cost(url: str, args: argparse.Namespace, work: Path) -> None:
@@ -180,7 +201,8 @@ def measure_cost(url: str, args: argparse.Namespace, work: Path) -> None:
             runs.append(run)
             print(f"  round {round_index + 1} {'with   ' if dashboard else 'without'} dashboard: {run.fps:6.2f} "
                   f"frames/s ({run.answered} answered), client CPU {run.cpu_ms_per_frame:5.2f} ms/frame"
-                  + (f", viewer got {run.pushes_seen} pushes and {run.images_fetched} images" if dashboard else ""),
+                  + (f" (dashboard threads {1000 * run.dashboard_cpu_s / run.seconds:.1f} ms/s), viewer got "
+                     f"{run.pushes_seen} pushes and {run.images_fetched} images" if dashboard else ""),
                   flush=True)
     off = [r for r in runs if not r.dashboard]
     on = [r for r in runs if r.dashboard]
@@ -190,7 +212,11 @@ def measure_cost(url: str, args: argparse.Namespace, work: Path) -> None:
     print(f"median frames/s: without {fps_off:.2f}, with {fps_on:.2f}: ratio with/without {fps_on / fps_off:.3f} "
           f"(cost {100 * (1 - fps_on / fps_off):+.1f}%)")
     print(f"median client CPU per frame: without {cpu_off:.2f} ms, with {cpu_on:.2f} ms "
-          f"(ratio {cpu_on / cpu_off:.3f})", flush=True)
+          f"(ratio {cpu_on / cpu_off:.3f})")
+    dashboard_ms = statistics.median(1000 * r.dashboard_cpu_s / r.seconds for r in on)
+    print(f"median CPU of the dashboard's own threads: {dashboard_ms:.1f} ms per second "
+          f"({dashboard_ms / 10:.1f}% of one core, {dashboard_ms / (10 * (os.cpu_count() or 1)):.1f}% of this "
+          f"machine's {os.cpu_count()} cores)", flush=True)
 
 
 PROBE = """

@@ -56,7 +56,8 @@ def verdict_label(verdict: object, score: object) -> str:
 
 class ClientMetrics:
     """mrkd_frames_total{camera,verdict}, mrkd_frames_dropped_total{camera}, mrkd_request_errors_total{camera,code},
-    mrkd_request_latency_seconds{camera} (histogram), mrkd_anomaly_score{camera} (histogram), mrkd_server_up{url}."""
+    mrkd_request_latency_seconds{camera} (histogram), mrkd_anomaly_score{camera} (histogram), mrkd_server_up{url},
+    and what the dashboard itself costs: mrkd_dashboard_cpu_seconds_total."""
 
     def __init__(self, cameras: Sequence[str], urls: Sequence[str] = ()):
         self.registry = CollectorRegistry()
@@ -74,6 +75,8 @@ class ClientMetrics:
                                ["camera"], buckets=SCORE_BUCKETS, registry=self.registry)
         self.server_up = Gauge("mrkd_server_up", "1 when the Triton server is ready for the model, else 0", ["url"],
                                registry=self.registry)
+        self.dashboard_cpu = Counter("mrkd_dashboard_cpu_seconds", "CPU time used by the dashboard's own threads "
+                                     "(web server, thumbnails, snapshots)", registry=self.registry)
         for camera in cameras:  # every series exists from the start, at 0
             for verdict in VERDICTS:
                 self.frames.labels(camera, verdict)

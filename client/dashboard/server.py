@@ -70,6 +70,7 @@ class Dashboard:
         self._tick_lock = threading.Lock()  # the tick thread, start() and finish() all tick
         self._watchers = 0  # open event streams (pages)
         self._images_wanted_until = 0.0  # monotonic
+        self._loop_cpu = 0.0  # the web server thread's CPU time when last counted
         self._server = None
         self._threads: list[threading.Thread] = []
 
@@ -94,6 +95,7 @@ class Dashboard:
         config = uvicorn.Config(self.app(), log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 ws="none", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
+        self._loop_cpu = 0.0  # the web server thread is new: its CPU time starts at 0
         self._tick()  # the first snapshot knows the servers already
         self._threads = [
             threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="dashboard-http", daemon=True),
@@ -124,11 +126,21 @@ class Dashboard:
 
     # -- tick thread -----------------------------------------------------------------------------------------------
     def _tick_loop(self) -> None:
+        counted = time.thread_time()
         while not self._closing.wait(self.options.push_interval_s):
             try:
                 self._tick()
             except Exception as exc:  # the page shows old figures for a tick; the run is not affected
                 print(f"dashboard: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            now = time.thread_time()
+            self.state.metrics.dashboard_cpu.inc(now - counted)
+            counted = now
+
+    def _count_loop_cpu(self) -> None:
+        """Adds the web server thread's CPU time since the last call (every handler runs on that one thread)."""
+        now = time.thread_time()
+        self.state.metrics.dashboard_cpu.inc(max(0.0, now - self._loop_cpu))
+        self._loop_cpu = now
 
     def _tick(self) -> None:
         with self._tick_lock:
@@ -164,24 +176,31 @@ class Dashboard:
                 return JSONResponse({"error": f"no {what} yet"}, status_code=404, headers=no_store)
             return Response(data, media_type="image/jpeg", headers=no_store)
 
+        # Every handler is short and runs on the server's event-loop thread (none blocks), so that thread's CPU
+        # time is the web server's whole cost.
         async def page(request: Request) -> Response:
+            self._count_loop_cpu()
             return FileResponse(STATIC / "index.html", headers=no_store)
 
-        def cameras(request: Request) -> Response:
+        async def cameras(request: Request) -> Response:
+            self._count_loop_cpu()
             return JSONResponse(self.state.snapshot(), headers=no_store)
 
-        def latest(request: Request) -> Response:
+        async def latest(request: Request) -> Response:
+            self._count_loop_cpu()
             camera = camera_or_404(request)
             return jpeg(self.state.latest_jpeg(camera), f"answered frame of camera {camera!r}")
 
-        def anomaly(request: Request) -> Response:
+        async def anomaly(request: Request) -> Response:
+            self._count_loop_cpu()
             camera = camera_or_404(request)
             frame = request.path_params["frame"]
             return jpeg(self.state.anomaly_jpeg(camera, frame), f"thumbnail of frame {frame} of camera {camera!r}")
 
-        def metrics(request: Request) -> Response:
+        async def metrics(request: Request) -> Response:
             from .metrics import CONTENT_TYPE
 
+            self._count_loop_cpu()
             return Response(self.state.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE, **no_store})
 
         async def events(request: Request) -> Response:
@@ -194,6 +213,7 @@ class Dashboard:
                         version, payload = self._published
                         if version != seen:
                             seen = version
+                            self._count_loop_cpu()
                             yield f"id: {version}\ndata: {payload}\n\n"
                         await asyncio.sleep(_SSE_POLL_S)
                 finally:
