@@ -36,7 +36,7 @@ examples:
       --camera d=synthetic:seed=3
 
   # the live page of every camera and Prometheus metrics while it runs: http://127.0.0.1:8080/ and /metrics
-  python -m client --url 127.0.0.1:8001 --loop --fps 10 --camera a=synthetic: --camera b=images/line1 \
+  python -m client --url 127.0.0.1:8001 --loop --fps 10 --camera a=synthetic: --camera b=images/line1 \\
       --out results.jsonl --dashboard 127.0.0.1:8080
 
   # same host as the server: raw frames through Triton system shared memory (no JPEG encode/decode)

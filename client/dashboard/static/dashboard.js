@@ -41,7 +41,7 @@ function card(camera) {
   parts.source.textContent = camera.source + (camera.live ? " (live)" : "");
   parts.source.title = camera.source;
   document.getElementById("cameras").appendChild(root);
-  entry = {root, parts, imageUrl: null, anomaliesKey: ""};
+  entry = {root, parts, imageUrl: null, anomaliesKey: null};
   cards.set(camera.name, entry);
   return entry;
 }
