@@ -28,7 +28,8 @@ class DashboardOptions:
     push_interval_s: float = 0.5  # the page gets a new snapshot this often, whatever the frame rate
     anomaly_thumbnails: int = 8  # the last N anomalous frames with a thumbnail, per camera
     thumbnails_per_s: float = 2.0  # at most this many anomalous frames per camera and second get a thumbnail
-    thumbnail_width: int = 320  # pixels; larger frames are scaled down before the JPEG is made
+    thumbnail_width: int = 320  # the newest frame, pixels; larger frames are scaled down before the JPEG is made
+    anomaly_thumbnail_width: int = 160  # the gallery's thumbnails (shown at 96 px)
     jpeg_quality: int = 80
     chart_seconds: int = 300  # the score strip chart: the highest score of each second, over the last 5 minutes
     latency_window: int = 512  # p50/p99 over a camera's last N answers
@@ -37,7 +38,8 @@ class DashboardOptions:
     def __post_init__(self) -> None:
         if self.push_interval_s <= 0:
             raise ValueError(f"push interval must be positive, got {self.push_interval_s}")
-        for name in ("anomaly_thumbnails", "thumbnail_width", "chart_seconds", "latency_window"):
+        for name in ("anomaly_thumbnails", "thumbnail_width", "anomaly_thumbnail_width", "chart_seconds",
+                     "latency_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -191,11 +193,12 @@ class LineState(RunObserver):
             with view.lock:
                 latest, view.pending = view.pending, None
                 todo = [p for p in view.anomalies if p.jpeg is None and p.image is not None]
-            jobs = ([latest] if latest is not None else []) + todo
-            for picture in jobs:
+            jobs = [(p, self.options.anomaly_thumbnail_width) for p in todo]
+            if latest is not None:
+                jobs.append((latest, self.options.thumbnail_width))
+            for picture, width in jobs:
                 assert picture.image is not None
-                picture.jpeg = thumbnail_jpeg(picture.image, picture.anomaly_map, self.options.thumbnail_width,
-                                              self.options.jpeg_quality)
+                picture.jpeg = thumbnail_jpeg(picture.image, picture.anomaly_map, width, self.options.jpeg_quality)
                 picture.image = picture.anomaly_map = None
                 made += 1
             if latest is not None:
