@@ -36,6 +36,10 @@ examples:
       --camera a=synthetic: --camera b=synthetic:texture=grass --camera c=synthetic:texture=gravel,size=128 \\
       --camera d=synthetic:seed=3
 
+  # the live page of every camera and Prometheus metrics while it runs: http://127.0.0.1:8080/ and /metrics
+  python -m client --url 127.0.0.1:8001 --loop --fps 10 --camera a=synthetic: --camera b=images/line1 \\
+      --out results.jsonl --dashboard 127.0.0.1:8080
+
   # same host as the server: raw frames through Triton system shared memory (no JPEG encode/decode)
   python -m client --url 127.0.0.1:8001 --transport shm --camera cam1=images/line1 --out results.jsonl
 
@@ -109,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
                         help="live per-camera progress on stderr (auto: rich on a terminal if installed)")
     output.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress updates")
+    output.add_argument("--dashboard", default=None, metavar="HOST:PORT",
+                        help="serve the live page of every camera (/) and Prometheus metrics (/metrics) there while "
+                             "the client runs, e.g. 127.0.0.1:8080 (port 0: any free port; docs/dashboard.md)")
+    output.add_argument("--keep-open", action="store_true",
+                        help="with --dashboard: keep the page up after the run until Ctrl-C")
     return parser
 
 
@@ -130,6 +139,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fps must be positive, got {args.fps}")
     if not 1 <= args.jpeg_quality <= 100:
         parser.error(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
+    if args.dashboard is not None:
+        from .dashboard import parse_address
+
+        try:
+            args.dashboard = parse_address(args.dashboard)
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.keep_open:
+        parser.error("--keep-open needs --dashboard")
     for name in ("timeout", "probe_interval", "progress_interval"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -161,14 +179,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The client gives the pool its health probe (a real inference) before the first probe runs.
     client = InspectionClient(
         pool, args.model, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
-        raw_model=raw_model, want_map=args.save_heatmaps is not None, timeout=args.timeout,
-        retry_timeout=args.retry_timeout,
+        raw_model=raw_model, want_map=args.save_heatmaps is not None or args.dashboard is not None,
+        timeout=args.timeout, retry_timeout=args.retry_timeout,
     )
+    dashboard = None
+    if args.dashboard is not None:
+        from .dashboard import Dashboard, DashboardError
+
+        try:
+            dashboard = Dashboard(*args.dashboard, cameras, pool)
+            print(f"dashboard: {dashboard.start()}  metrics: {dashboard.url}metrics", file=sys.stderr, flush=True)
+        except DashboardError as exc:
+            client.close()
+            pool.close()
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     try:
         ready = pool.wait_until_ready(args.wait_ready)
     except NoServerReady as exc:
         client.close()
         pool.close()
+        if dashboard is not None:
+            dashboard.stop()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"servers ready: {', '.join(s.url for s in ready)} of {len(pool.servers)}", file=sys.stderr)
@@ -184,9 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         client.close()
         pool.close()
+        if dashboard is not None:
+            dashboard.stop()
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    runner = MultiCameraRunner(cameras, client, writer, run_options)
+    runner = MultiCameraRunner(cameras, client, writer, run_options, observer=dashboard.state if dashboard else None)
     progress = Progress(runner.stats, args.progress, args.progress_interval)
     interrupts = 0
 
@@ -212,13 +246,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         writer.close()
         client.close()
         pool.close()
+        if dashboard is not None:
+            dashboard.finish()
     print_summary(summaries)
     print(f"{writer.lines} lines written to {args.out}", file=sys.stderr)
-    if interrupts:
-        return EXIT_INTERRUPTED
     troubled = [s for s in summaries if s["errors"] or s["invalid"] or s["failure"]]
     for s in troubled:
         what = [f"{s['errors']} errors" if s["errors"] else "", f"{s['invalid']} invalid scores" if s["invalid"] else "",
                 f"gave up: {s['failure']}" if s["failure"] else ""]
         print(f"camera {s['camera']}: {', '.join(w for w in what if w)}", file=sys.stderr)
+    if dashboard is not None:
+        if args.keep_open:
+            print(f"dashboard still at {dashboard.url} (Ctrl-C to close)", file=sys.stderr, flush=True)
+            wait_for_interrupt()
+        dashboard.stop()
+    if interrupts:
+        return EXIT_INTERRUPTED
     return EXIT_ERRORS if troubled else EXIT_OK
+
+def wait_for_interrupt() -> None:
+    """Blocks until Ctrl-C or SIGTERM."""
+    import threading
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

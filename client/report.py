@@ -239,9 +239,11 @@ class CameraStats:
         with self._lock:
             self.read += 1
 
-    def set_state(self, state: CameraState) -> None:
+    def set_state(self, state: CameraState) -> bool:
+        """Sets the live state; True when it changed."""
         with self._lock:
-            self.state = state
+            changed, self.state = self.state != state, state
+            return changed
 
     def gap(self) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from .events import RunObserver
 from .frame_queue import FrameQueue, QueueClosed
 from .inspection import DEFAULT_RETRY_TIMEOUT, InspectionClient, InspectionError, InspectionResult
 from .report import (
@@ -93,6 +94,7 @@ class MultiCameraRunner:
         client: InspectionClient,
         writer: JsonlWriter,
         options: RunOptions | None = None,
+        observer: RunObserver | None = None,
     ):
         names = [name for name, _ in cameras]
         if not cameras:
@@ -105,6 +107,8 @@ class MultiCameraRunner:
         self.cameras = [_Camera(name, source, self.options) for name, source in cameras]
         self.stop_event = threading.Event()
         self.abort_event = threading.Event()  # stop waiting for answers in flight (a second Ctrl-C)
+        self.observer = observer or RunObserver()
+        self._observer_failed = False
 
     @property
     def stats(self) -> list[CameraStats]:
@@ -124,7 +128,7 @@ class MultiCameraRunner:
         deadline = time.monotonic() + self.options.duration if self.options.duration else None
         for camera in self.cameras:
             camera.stats.started = time.monotonic()
-            camera.stats.set_state(CameraState.RUNNING)
+            self._set_state(camera, CameraState.RUNNING, announce=True)
             for target, role in ((self._read, "reader"), (self._dispatch, "dispatcher")):
                 thread = threading.Thread(target=target, args=(camera,), name=f"{camera.name}-{role}", daemon=True)
                 camera.threads.append(thread)
@@ -141,7 +145,7 @@ class MultiCameraRunner:
         for camera in self.cameras:
             self._wait_in_flight(camera, time.monotonic() + self.options.shutdown_timeout)
             camera.stats.finished = time.monotonic()
-            camera.stats.set_state(CameraState.STOPPED)
+            self._set_state(camera, CameraState.STOPPED)
             camera.source.close()
         return [c.stats.summary() for c in self.cameras]
 
@@ -170,12 +174,12 @@ class MultiCameraRunner:
     def _source_event(self, camera: _Camera, event: SourceEvent) -> None:
         if event.kind == "reconnecting":
             camera.reconnecting = True
-            camera.stats.set_state(CameraState.RECONNECTING)
+            self._set_state(camera, CameraState.RECONNECTING)
             print(f"camera {camera.name}: {event.reason}; reconnecting", file=sys.stderr, flush=True)
         elif event.kind == "gap":
             camera.reconnecting = False
             camera.stats.gap()
-            camera.stats.set_state(CameraState.RUNNING)
+            self._set_state(camera, CameraState.RUNNING)
             print(f"camera {camera.name}: back after {event.seconds:.1f} s ({event.attempts} attempts)",
                   file=sys.stderr, flush=True)
             self._record_event(camera, EVENT_GAP, event.started, seconds=round(event.seconds, 3),
@@ -204,7 +208,7 @@ class MultiCameraRunner:
             state = CameraState.WAITING_FOR_SERVER
         else:
             state = CameraState.RUNNING
-        camera.stats.set_state(state)
+        self._set_state(camera, state)
 
     def _server_ready(self, camera: _Camera) -> bool:
         """Whether a server is ready; keeps track of since when none is (for the frames' waits)."""
@@ -253,7 +257,7 @@ class MultiCameraRunner:
             self._send(camera, frame)
         with camera.pending_lock:
             if not camera.pending and camera.queue.closed:
-                camera.stats.set_state(CameraState.STOPPED)
+                self._set_state(camera, CameraState.STOPPED)
 
     def _send(self, camera: _Camera, frame: Frame) -> None:
         if frame.image is None:
@@ -276,6 +280,7 @@ class MultiCameraRunner:
             finally:
                 camera.slots.release()
 
+        self._notify("frame_sent", camera.name, frame)
         try:
             self.client.submit(frame.image, done)
         except Exception as exc:  # the frame could not be encoded: nothing was sent
@@ -320,13 +325,15 @@ class MultiCameraRunner:
         self._record(
             camera, frame, result.status, sent=True,
             server=result.server, latency_ms=round(result.latency_ms, 3), score=result.score,
-            raw_score=result.raw_score, verdict=result.verdict, attempts=result.attempts, heatmap=heatmap, **fields,
+            raw_score=result.raw_score, verdict=result.verdict, attempts=result.attempts, heatmap=heatmap,
+            answer=result, **fields,
         )
 
     def _record_drop(self, camera: _Camera, frame: Frame, reason: str) -> None:
         self._record(camera, frame, STATUS_DROPPED, drop_reason=reason)
 
-    def _record(self, camera: _Camera, frame: Frame, status: str, sent: bool = False, **fields: Any) -> None:
+    def _record(self, camera: _Camera, frame: Frame, status: str, sent: bool = False,
+                answer: InspectionResult | None = None, **fields: Any) -> None:
         """Writes the frame's line. A sent frame is recorded by whoever takes it out of `pending` first (its
         answer, or the shutdown's 'no answer'), so a late answer cannot give a frame a second line."""
         if sent:
@@ -335,14 +342,15 @@ class MultiCameraRunner:
                     return
                 camera.recording += 1
         try:
-            self._write_record(camera, frame, status, fields)
+            self._write_record(camera, frame, status, fields, answer)
         finally:
             if sent:
                 with camera.pending_lock:
                     camera.recording -= 1
                     camera.pending_lock.notify_all()
 
-    def _write_record(self, camera: _Camera, frame: Frame, status: str, fields: dict[str, Any]) -> None:
+    def _write_record(self, camera: _Camera, frame: Frame, status: str, fields: dict[str, Any],
+                      answer: InspectionResult | None) -> None:
         record: dict[str, Any] = {
             "camera": camera.name,
             "frame": frame.index,
@@ -354,13 +362,30 @@ class MultiCameraRunner:
         try:
             self.writer.write(record)
         except (TypeError, ValueError) as exc:  # the frame still gets its line, saying what could not be written
-            self.writer.write({**{k: record[k] for k in ("camera", "frame", "source", "capture_time")},
-                               "status": STATUS_ERROR, "error": f"the result could not be recorded: {exc}"})
+            record = {**{k: record[k] for k in ("camera", "frame", "source", "capture_time")},
+                      "status": STATUS_ERROR, "error": f"the result could not be recorded: {exc}"}
+            self.writer.write(record)
             status = STATUS_ERROR
         camera.stats.add(status, fields.get("latency_ms"), fields.get("verdict") == "anomalous")
+        self._notify("frame_recorded", camera.name, frame, record, answer)
 
     def _record_event(self, camera: _Camera, event: str, when: float, **fields: Any) -> None:
         """A line that is not a frame's: a source gap or a camera that gave up."""
         record = {"camera": camera.name, "event": event, "status": event,
                   "time": datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="milliseconds"), **fields}
         self.writer.write(record)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        """Tells the observer (see client/events.py); an observer that raises is reported once, never fatal."""
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception as exc:
+            if not self._observer_failed:
+                self._observer_failed = True
+                print(f"observer {type(self.observer).__name__}.{event} failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+
+    def _set_state(self, camera: _Camera, state: CameraState, announce: bool = False) -> None:
+        """Sets the camera's live state and tells the observer when it changed (or when `announce`)."""
+        if camera.stats.set_state(state) or announce:
+            self._notify("camera_state", camera.name, state.value)

@@ -2,18 +2,22 @@
 
 Trains MRKD on the real ELPV solar-cell images with the offline pretrained backbone, evaluates it, exports it to a
 Triton model repository, starts tritonserver, streams the held-out cells through the multi-camera client as several
-cameras, prints metrics, per-camera verdicts and throughput, and stops the server. Everything lands under --out.
+cameras (watch them live on the client's dashboard, whose address it prints), prints metrics, per-camera verdicts
+and throughput, and stops the server. Everything lands under --out.
 
 Examples:
-  python -m mrkd.demo                        # defaults: elpv:mono, out runs/demo, 3 cameras
+  python -m mrkd.demo                        # defaults: elpv:mono, out runs/demo, 3 cameras, page on 127.0.0.1:8080
   python -m mrkd.demo --cameras 4 --steps 300
   python -m mrkd.demo --retrain              # ignore a finished checkpoint from an earlier run
+  python -m mrkd.demo --keep-open            # keep the page (and the server) up after the run, until Ctrl-C
+  python -m mrkd.demo --dashboard 0.0.0.0:9000   # the page for other machines; --no-dashboard: none
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +32,7 @@ from .runtime.checkpoint import CheckpointError, load_checkpoint
 from .runtime.evaluation import evaluate
 from .runtime.training import train
 from .runtime.visualize import save_png
-from .triton.launcher import TritonServer
+from .triton.launcher import TritonServer, free_port
 from .triton.repository import ExportOptions, export
 
 log = logging.getLogger("mrkd.demo")
@@ -77,6 +81,22 @@ def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]
     return summary
 
 
+DEFAULT_DASHBOARD = "127.0.0.1:8080"
+
+
+def dashboard_address(requested: str) -> str:
+    """HOST:PORT for the client's dashboard; the default port, when taken, gives way to a free one."""
+    if requested != DEFAULT_DASHBOARD:
+        return requested
+    host, _, port = requested.rpartition(":")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, int(port)))
+            return requested
+        except OSError:
+            return f"{host}:{free_port(host)}"
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     budget = {"steps": args.steps} if args.steps else {}
@@ -109,7 +129,16 @@ def run(args: argparse.Namespace) -> int:
                    "--out", str(results), "--overwrite", "--save-heatmaps", str(out / "heatmaps")]  # its results
         for name, (folder, _) in feeds.items():
             command += ["--camera", f"{name}={folder}"]
-        client_rc = subprocess.call(command)
+        if not args.no_dashboard:
+            address = dashboard_address(args.dashboard)
+            command += ["--dashboard", address] + (["--keep-open"] if args.keep_open else [])
+            log.info("      live dashboard: http://%s/  (client metrics: /metrics; Triton's: "
+                     "http://127.0.0.1:%d/metrics)", address.replace("0.0.0.0", "127.0.0.1"), server.metrics_port)
+        client = subprocess.Popen(command)
+        try:
+            client_rc = client.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the client too: it records what is left (or closes the page)
+            client_rc = client.wait()
     if client_rc != 0:
         log.error("the client exited with status %d", client_rc)
         return client_rc
@@ -137,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cameras", type=int, default=3, help="how many cameras share the held-out cells (2-4)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: mrkd.train's)")
     p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
+    p.add_argument("--dashboard", default=DEFAULT_DASHBOARD, metavar="HOST:PORT",
+                   help="where the client serves its live page (default: %(default)s, or a free port if taken)")
+    p.add_argument("--no-dashboard", action="store_true", help="run the client without its live page")
+    p.add_argument("--keep-open", action="store_true",
+                   help="after the run, keep the page and the server up until Ctrl-C")
     return run(p.parse_args(argv))
 
 

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with server:
             print(f"ready: {', '.join(server.models)}", flush=True)
-            print(f"gRPC {server.grpc_url}  HTTP {server.http_url}  metrics "
-                  f"http://{server._client_host}:{server.metrics_port}/metrics  log {server.log_file}", flush=True)
+            print(f"gRPC {server.grpc_url}  HTTP {server.http_url}  log {server.log_file}", flush=True)
+            print(f"Triton metrics (Prometheus): http://{server._client_host}:{server.metrics_port}/metrics "
+                  f"(what to watch: docs/dashboard.md)", flush=True)
             server.wait()
     except KeyboardInterrupt:
         print("stopped", flush=True)

@@ -1,0 +1,108 @@
+"""The client's Prometheus metrics (prometheus-client), served at /metrics by the dashboard.
+
+Every frame the client records (one JSONL line) is counted exactly once in `mrkd_frames_total`, so at the end of a
+run its per-camera sum equals the camera's number of lines; the other counters break the frames without a verdict
+down by why. Each dashboard owns its registry, so several runs in one process (tests) do not share series.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+VERDICT_NORMAL = "normal"
+VERDICT_ANOMALOUS = "anomalous"
+VERDICT_INVALID = "invalid"  # no valid verdict: dropped, failed, or answered with a score that is not a number
+VERDICTS = (VERDICT_NORMAL, VERDICT_ANOMALOUS, VERDICT_INVALID)
+
+# Latency: from 5 ms (one image on a GPU) to 30 s (the default request timeout).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# The normalised score: 0.5 is the threshold, so the buckets are finest around it.
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_GRPC_STATUS = re.compile(r"^\[StatusCode\.([A-Z_]+)\]")
+# The client's own reasons for a frame without an answer (client/runner.py, client/inspection.py).
+_CLIENT_ERRORS = (
+    ("no server is ready", "NO_SERVER"),
+    ("unreadable frame", "UNREADABLE_FRAME"),
+    ("no answer before shutdown", "NO_ANSWER"),
+)
+
+
+def error_code(message: str) -> str:
+    """The `code` label of an error line: the gRPC status name ("UNAVAILABLE", "INVALID_ARGUMENT", ...) when the
+    server or the transport answered, else the client's reason (NO_SERVER, UNREADABLE_FRAME, NO_ANSWER, CLIENT)."""
+    match = _GRPC_STATUS.match(message)
+    if match:
+        return match.group(1)
+    lowered = message.lower()
+    for prefix, code in _CLIENT_ERRORS:
+        if lowered.startswith(prefix):
+            return code
+    return "CLIENT"
+
+
+def verdict_label(verdict: object, score: object) -> str:
+    """normal / anomalous only for an answer with a finite score and one of those verdicts; else invalid."""
+    if verdict in (VERDICT_NORMAL, VERDICT_ANOMALOUS) and isinstance(score, (int, float)) and math.isfinite(score):
+        return str(verdict)
+    return VERDICT_INVALID
+
+
+class ClientMetrics:
+    """mrkd_frames_total{camera,verdict}, mrkd_frames_dropped_total{camera}, mrkd_request_errors_total{camera,code},
+    mrkd_request_latency_seconds{camera} (histogram), mrkd_anomaly_score{camera} (histogram), mrkd_server_up{url},
+    and what the dashboard itself costs: mrkd_dashboard_cpu_seconds_total."""
+
+    def __init__(self, cameras: Sequence[str], urls: Sequence[str] = ()):
+        self.registry = CollectorRegistry()
+        self.frames = Counter("mrkd_frames_total", "Frames recorded (one JSONL line each), by verdict; 'invalid': "
+                              "no valid verdict (dropped, failed, or a score that is not a number)",
+                              ["camera", "verdict"], registry=self.registry)
+        self.dropped = Counter("mrkd_frames_dropped_total", "Frames dropped before they were answered",
+                               ["camera"], registry=self.registry)
+        self.errors = Counter("mrkd_request_errors_total", "Frames that got no answer, by gRPC status or client "
+                              "reason", ["camera", "code"], registry=self.registry)
+        self.latency = Histogram("mrkd_request_latency_seconds", "Time from the first send to the answer (a retry "
+                                 "included), answered frames", ["camera"], buckets=LATENCY_BUCKETS_S,
+                                 registry=self.registry)
+        self.score = Histogram("mrkd_anomaly_score", "Normalised anomaly score of answered frames (0.5 = threshold)",
+                               ["camera"], buckets=SCORE_BUCKETS, registry=self.registry)
+        self.server_up = Gauge("mrkd_server_up", "1 when the Triton server is ready for the model, else 0", ["url"],
+                               registry=self.registry)
+        self.dashboard_cpu = Counter("mrkd_dashboard_cpu_seconds", "CPU time used by the dashboard's own threads "
+                                     "(web server, thumbnails, snapshots)", registry=self.registry)
+        for camera in cameras:  # every series exists from the start, at 0
+            for verdict in VERDICTS:
+                self.frames.labels(camera, verdict)
+            self.dropped.labels(camera)
+            self.latency.labels(camera)
+            self.score.labels(camera)
+        for url in urls:
+            self.server_up.labels(url).set(0)
+
+    def answered(self, camera: str, verdict: str, score: float | None, latency_s: float | None) -> None:
+        self.frames.labels(camera, verdict).inc()
+        if latency_s is not None:
+            self.latency.labels(camera).observe(latency_s)
+        if verdict != VERDICT_INVALID and score is not None:
+            self.score.labels(camera).observe(score)
+
+    def dropped_frame(self, camera: str) -> None:
+        self.frames.labels(camera, VERDICT_INVALID).inc()
+        self.dropped.labels(camera).inc()
+
+    def failed_frame(self, camera: str, code: str) -> None:
+        self.frames.labels(camera, VERDICT_INVALID).inc()
+        self.errors.labels(camera, code).inc()
+
+    def set_server(self, url: str, up: bool) -> None:
+        self.server_up.labels(url).set(1 if up else 0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,53 @@
+"""The observer hook of MultiCameraRunner: what a run reports while it goes (the live dashboard is one observer).
+
+The runner calls these methods from its own threads (camera readers, dispatchers and gRPC callbacks), so an
+observer keeps every call short, never blocks and never raises; the runner reports an observer's exception once
+and goes on (a broken observer never costs a frame its JSONL line).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .inspection import InspectionResult
+    from .sources import Frame
+
+from .report import CameraState
+
+CAMERA_STATES = tuple(state.value for state in CameraState)  # a camera's live state, as camera_state() gets it
+
+
+class RunObserver:
+    """No-op base: override what you need."""
+
+    def camera_state(self, camera: str, state: str) -> None:
+        """The camera's live state changed (one of CAMERA_STATES)."""
+
+    def frame_sent(self, camera: str, frame: "Frame") -> None:
+        """The frame went to a server (its answer or error follows as frame_recorded)."""
+
+    def frame_recorded(self, camera: str, frame: "Frame", record: dict[str, Any],
+                       result: "InspectionResult | None") -> None:
+        """Called once per JSONL line, right after it was written: `record` is that line, `result` the server's
+        answer for status "ok" (with the frame's anomaly map when the client asked for maps). Dispatches to
+        frame_answered, frame_dropped and frame_failed."""
+        status = record.get("status")
+        if status == "ok":
+            self.frame_answered(camera, frame, record, result)
+        elif status == "dropped":
+            self.frame_dropped(camera, frame, record)
+        else:
+            self.frame_failed(camera, frame, record)
+
+    def frame_answered(self, camera: str, frame: "Frame", record: dict[str, Any],
+                       result: "InspectionResult | None") -> None:
+        """A verdict came back (record["verdict"], record["score"])."""
+
+    def frame_dropped(self, camera: str, frame: "Frame", record: dict[str, Any]) -> None:
+        """The frame was dropped (record["drop_reason"])."""
+
+    def frame_failed(self, camera: str, frame: "Frame", record: dict[str, Any]) -> None:
+        """The frame got no answer (record["error"])."""
+
+    def server_state(self, url: str, up: bool, detail: str = "") -> None:
+        """A server became ready (up) or stopped being ready."""
