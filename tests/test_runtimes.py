@@ -293,6 +293,21 @@ def test_bf16_is_refused_when_verdicts_change_unless_recalibrated(tiny_checkpoin
     prepared.cleanup()
 
 
+def test_bf16_check_names_unusable_calibration_images(tiny_checkpoint, calibration_folder, tmp_path):
+    data = load_checkpoint(tiny_checkpoint)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NetworkRuntimeError, match="--calibration-images .*empty: no .png.* images there"):
+        prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=empty, show=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(calibration_folder, broken)
+    (broken / "cell007.png").write_bytes(b"not a png at all")
+    with pytest.raises(NetworkRuntimeError, match="precision check cannot be used: .*cell007.png"):
+        prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=broken, show=False)
+    with pytest.raises(NetworkRuntimeError, match="--recalibrate applies to --precision bf16"):
+        prepare_network(tiny_checkpoint, data, "onnxruntime", "fp32", recalibrate=True, show=False)
+
+
 @needs_bf16
 def test_bf16_limit_on_the_elpv_test_split(tiny_checkpoint):
     """By default the check runs on the checkpoint's own test split: 0.5% of the 431 ELPV cells, so 2 changed
