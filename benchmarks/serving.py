@@ -12,14 +12,20 @@ images the script prints:
      batch size;
   3. Triton (every runtime exported as its own product into one repository, one tritonserver, gRPC, one image per
      request): images/s and p50/p99 latency at each concurrency;
-and a summary table with each figure's ratio to the first runtime (torch by default). Measurements of different
-runtimes alternate (batch by batch, concurrency by concurrency), so a change of load on a shared machine hits
-them alike; still, compare ratios from one run, not figures across runs.
+and summary tables with each figure's ratio to the first runtime (torch by default). Every measurement also
+records the CPU time it cost (this process in-process; the tritonserver process and its model processes through
+Triton) per image: on a shared machine that is steadier than images/s, and 1000 * cores / (CPU ms per image)
+bounds what the same work can reach on idle cores. Measurements of different runtimes alternate (batch by batch,
+concurrency by concurrency), so a change of load hits them alike; still, compare ratios from one run, not figures
+across runs. On a busy machine run it as `OMP_WAIT_POLICY=PASSIVE python benchmarks/serving.py ...`: torch's
+OpenMP threads otherwise spin while waiting for cores that others hold, which slows torch far more than the other
+runtimes (several times, seen on 2 shared cores) and inflates its CPU time.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tempfile
 import threading
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -53,10 +60,15 @@ class Measurement:
     images: int
     seconds: float
     latencies_ms: list[float]
+    cpu_seconds: float = float("nan")  # CPU time of the process(es) doing the work
 
     @property
     def throughput(self) -> float:
         return self.images / self.seconds
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_seconds / self.images
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -106,28 +118,41 @@ def encoded_cells(count: int) -> list[bytes]:
     return out
 
 
-def timed(fn, seconds: float) -> tuple[int, float, list[float]]:
-    """Calls fn() for at least `seconds` (and MIN_BATCHES times) after one warm-up call."""
+def timed(fn, seconds: float) -> tuple[int, float, list[float], float]:
+    """Calls fn() for at least `seconds` (and MIN_BATCHES times) after one warm-up call; returns the calls, wall
+    seconds, latencies and this process's CPU seconds."""
     fn()
-    calls, latencies, start = 0, [], time.perf_counter()
+    calls, latencies, start, cpu = 0, [], time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds or calls < MIN_BATCHES:
         t0 = time.perf_counter()
         fn()
         latencies.append((time.perf_counter() - t0) * 1000)
         calls += 1
-    return calls, time.perf_counter() - start, latencies
+    return calls, time.perf_counter() - start, latencies, time.process_time() - cpu
+
+
+def server_cpu_seconds() -> float:
+    """CPU time so far of this process's children: tritonserver and its model (stub) processes."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def bench_network(detector: Detector, x: torch.Tensor, seconds: float) -> Measurement:
-    calls, elapsed, latencies = timed(lambda: detector.network(x), seconds)
-    return Measurement("network", calls * len(x), elapsed, latencies)
+    calls, elapsed, latencies, cpu = timed(lambda: detector.network(x), seconds)
+    return Measurement("network", calls * len(x), elapsed, latencies, cpu)
 
 
 def bench_in_process(detector: Detector, encoded: list[bytes], batch_size: int, seconds: float) -> Measurement:
     """decode_image + Detector.predict (resize, network, fused map, calibration) on batches of `batch_size`."""
     batch = [encoded[i % len(encoded)] for i in range(batch_size)]
-    calls, elapsed, latencies = timed(lambda: detector.predict([decode_image(b) for b in batch]), seconds)
-    return Measurement(f"in-process batch {batch_size}", calls * batch_size, elapsed, latencies)
+    calls, elapsed, latencies, cpu = timed(lambda: detector.predict([decode_image(b) for b in batch]), seconds)
+    return Measurement(f"in-process batch {batch_size}", calls * batch_size, elapsed, latencies, cpu)
 
 
 def bench_triton(url: str, model: str, encoded: list[bytes], concurrency: int, seconds: float) -> Measurement:
@@ -163,16 +188,17 @@ def bench_triton(url: str, model: str, encoded: list[bytes], concurrency: int, s
     for thread in threads:
         thread.start()
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), server_cpu_seconds()
     time.sleep(seconds)
     stop.set()
+    cpu = server_cpu_seconds() - cpu  # the requests in flight at the stop finish after it: a few images' worth
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     flat = [x for per_thread in latencies for x in per_thread]
-    return Measurement(f"triton concurrency {concurrency}", len(flat), elapsed, flat)
+    return Measurement(f"triton concurrency {concurrency}", len(flat), elapsed, flat, cpu)
 
 
 def int_list(text: str) -> list[int]:
@@ -205,13 +231,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ratio_table(title: str, columns: list[str], rows: dict[str, list[Measurement]], unit: str) -> str:
-    """Markdown: one row per runtime, each cell `figure (ratio to the first row)`."""
+def ratio_table(title: str, columns: list[str], rows: dict[str, list[Measurement]]) -> str:
+    """Markdown: one row per runtime, each cell `images/s (ratio to the first row) / CPU ms per image`."""
     names = list(rows)
     base = rows[names[0]]
     lines = [f"{title}", "", "| runtime | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names:
-        cells = [f"{m.throughput:.1f} {unit} ({m.throughput / b.throughput:.2f}x)" for m, b in zip(rows[name], base)]
+        cells = [f"{m.throughput:.1f} ({m.throughput / b.throughput:.2f}x) / {m.cpu_ms_per_image:.1f} ms"
+                 for m, b in zip(rows[name], base)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -231,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         first = detectors[choices[0].label]
         print(f"model: {first.config.backbone} {first.image_size}px on {device}, {threads} threads, {args.images} "
               f"ELPV cells as PNG, {args.seconds:.0f} s per measurement; runtimes: "
-              f"{', '.join(f'{d.runtime} {d.precision}' for d in detectors.values())}", flush=True)
+              f"{', '.join(f'{d.runtime} {d.precision}' for d in detectors.values())}; {os.cpu_count()} cores, load "
+              f"average {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}",
+              flush=True)
 
         if args.network_batch:
             x = verification_batch(first.image_size, args.network_batch).to(device)
@@ -240,16 +269,16 @@ def main(argv: list[str] | None = None) -> int:
             for label, detector in detectors.items():
                 m = bench_network(detector, x, args.seconds)
                 error = max_relative_error(detector.network(x), reference)
-                print(f"  {label:<20} {1000 * m.seconds / m.images:7.1f} ms/image   max relative error vs "
-                      f"{choices[0].label} {error:.1e}", flush=True)
+                print(f"  {label:<20} {1000 * m.seconds / m.images:7.1f} ms/image ({m.cpu_ms_per_image:6.1f} CPU ms)   "
+                      f"max relative error vs {choices[0].label} {error:.1e}", flush=True)
 
         in_process: dict[str, list[Measurement]] = {label: [] for label in detectors}
         for batch_size in args.batch_sizes:
             for label, detector in detectors.items():
                 m = bench_in_process(detector, encoded, batch_size, args.seconds)
                 in_process[label].append(m)
-                print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s   batch latency p50 "
-                      f"{m.percentile(50):7.1f} ms", flush=True)
+                print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s ({m.cpu_ms_per_image:6.1f} CPU ms "
+                      f"per image)   batch latency p50 {m.percentile(50):7.1f} ms", flush=True)
         detectors.clear()
 
         triton: dict[str, list[Measurement]] = {c.label: [] for c in choices}
@@ -276,16 +305,17 @@ def main(argv: list[str] | None = None) -> int:
                     for label, model in models.items():
                         m = bench_triton(server.grpc_url, model, encoded, concurrency, args.seconds)
                         triton[label].append(m)
-                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s   latency p50 "
-                              f"{m.percentile(50):7.1f} ms  p99 {m.percentile(99):7.1f} ms", flush=True)
+                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s ({m.cpu_ms_per_image:6.1f} CPU "
+                              f"ms per image)   latency p50 {m.percentile(50):7.1f} ms  p99 {m.percentile(99):7.1f} ms",
+                              flush=True)
 
     print()
-    print(ratio_table("in-process images/s (ratio to the first runtime)",
-                      [f"batch {b}" for b in args.batch_sizes], in_process, "img/s"))
+    print(ratio_table("in-process: images/s (ratio to the first runtime) / CPU ms per image",
+                      [f"batch {b}" for b in args.batch_sizes], in_process))
     if args.concurrency:
         print()
-        print(ratio_table("Triton images/s over gRPC (ratio to the first runtime)",
-                          [f"concurrency {c}" for c in args.concurrency], triton, "img/s"))
+        print(ratio_table("Triton over gRPC: images/s (ratio to the first runtime) / server CPU ms per image",
+                          [f"concurrency {c}" for c in args.concurrency], triton))
         print()
         for label in triton:
             best_in = max(in_process[label], key=lambda m: m.throughput)

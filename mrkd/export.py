@@ -3,8 +3,7 @@
 Examples:
   python -m mrkd.export --checkpoint runs/elpv-mono/checkpoint.pt --repo model_repository
   python -m mrkd.export --checkpoint runs/elpv-mono/checkpoint.pt --repo model_repository --runtime openvino
-  python -m mrkd.export --checkpoint runs/elpv-mono/checkpoint.pt --repo model_repository --runtime openvino \
-      --precision bf16 [--calibration-images DIR] [--recalibrate]
+  python -m mrkd.export --checkpoint CKPT --repo model_repository --runtime openvino --precision bf16 --recalibrate
   python -m mrkd.export --checkpoint runs/bottle/checkpoint.pt --repo model_repository --name bottle --device gpu
 
 Naming: product NAME (default "mrkd") owns six models in the repository:
@@ -64,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--map-size", type=int, default=64, help="ANOMALY_MAP resolution (default 64)")
     p.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default="fp16")
     p.add_argument("--instances", type=int, default=1, help="detector instances")
-    p.add_argument("--threads", "--torch-threads", dest="torch_threads", type=int, default=0,
+    p.add_argument("--threads", "--torch-threads", dest="torch_threads", type=int, default=0, metavar="N",
                    help="threads per detector instance on CPU, for every runtime (0 = cores / instances)")
     p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
                    help=f"detector network runtime (auto: {DEFAULT_CPU_RUNTIME} on cpu, torch on gpu)")

@@ -98,7 +98,7 @@ def test_fp32_runtime_scores_match_torch_on_real_images(runtime, tiny_checkpoint
 
 
 @pytest.mark.parametrize("backbone,image_size", [("mobilenet_v2", 96), ("resnet18", 64),
-                                                 ("efficientnet_lite0", 160)])
+                                                 ("efficientnet_lite0", 96)])
 def test_converted_networks_match_the_torch_module_on_any_batch(backbone, image_size, tmp_path):
     """Generic over the module: every registered small backbone, odd image sizes, batches 1 and 4 (traced at 1)."""
     model, config = random_model(backbone, image_size)
@@ -291,6 +291,21 @@ def test_bf16_is_refused_when_verdicts_change_unless_recalibrated(tiny_checkpoin
     assert prepared.calibration == Calibration.from_dict(load_checkpoint(far)["calibration"])
     assert {ONNX_FILE, OPENVINO_FILE, MANIFEST_FILE} <= set(prepared.files)
     prepared.cleanup()
+
+
+def test_bf16_check_names_unusable_calibration_images(tiny_checkpoint, calibration_folder, tmp_path):
+    data = load_checkpoint(tiny_checkpoint)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NetworkRuntimeError, match="--calibration-images .*empty: no .png.* images there"):
+        prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=empty, show=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(calibration_folder, broken)
+    (broken / "cell007.png").write_bytes(b"not a png at all")
+    with pytest.raises(NetworkRuntimeError, match="precision check cannot be used: .*cell007.png"):
+        prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=broken, show=False)
+    with pytest.raises(NetworkRuntimeError, match="--recalibrate applies to --precision bf16"):
+        prepare_network(tiny_checkpoint, data, "onnxruntime", "fp32", recalibrate=True, show=False)
 
 
 @needs_bf16

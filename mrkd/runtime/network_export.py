@@ -25,7 +25,7 @@ from .metrics import image_auroc
 from .network_runtime import (MANIFEST_FILE, NetworkManifest, NetworkRuntimeError, check_choice,
                               convert, file_sha256, load_runner)
 from ..core.config import ModelConfig
-from ..core.preprocess import load_image, prepare_image
+from ..core.preprocess import InvalidImageError, load_image, prepare_image
 from ..data import open_dataset
 from ..model.network import MRKDModel
 
@@ -65,20 +65,24 @@ def check_images(train_config: dict | None, calibration_images: str | Path | Non
                                   f"opened here ({exc}); pass --calibration-images DIR") from exc
     if not splits.test:
         raise NetworkRuntimeError(f"{data} has no test images to check bf16 on; pass --calibration-images DIR")
-    calibration = splits.calibration or [r for r in splits.test if r.label == 0]
+    calibration = splits.calibration or splits.train  # what training calibrated on
     return CheckImages(f"{data} test split", [r.load_image for r in splits.test],
                        np.array([r.label for r in splits.test]), [r.load_image for r in calibration])
 
 
-def raw_scores(detector: Detector, images: torch.Tensor, desc: str, show: bool) -> np.ndarray:
-    """uint8 [N, 3, S, S] -> raw scores [N], batch by batch."""
-    step = detector.batch_size
-    return np.concatenate([detector.predict_prepared(images[i : i + step]).scores
-                           for i in tqdm(range(0, len(images), step), desc=desc, disable=not show, leave=False)])
-
-
-def prepared(loaders: Sequence[Callable[[], np.ndarray]], image_size: int) -> torch.Tensor:
-    return torch.stack([prepare_image(load(), image_size) for load in loaders])
+def scores(detectors: Sequence[Detector], images: Sequence[Callable[[], np.ndarray]], desc: str,
+           show: bool) -> list[np.ndarray]:
+    """Raw scores [N] of the images by each detector, batch by batch (images are loaded once, never all at once)."""
+    step, size = detectors[0].batch_size, detectors[0].image_size
+    parts: list[list[np.ndarray]] = [[] for _ in detectors]
+    for i in tqdm(range(0, len(images), step), desc=desc, disable=not show, leave=False):
+        try:
+            batch = torch.stack([prepare_image(load(), size) for load in images[i : i + step]])
+        except InvalidImageError as exc:
+            raise NetworkRuntimeError(f"an image of the precision check cannot be used: {exc}") from exc
+        for part, detector in zip(parts, detectors):
+            part.append(detector.predict_prepared(batch).scores)
+    return [np.concatenate(part) for part in parts]
 
 
 @dataclass
@@ -136,14 +140,12 @@ def compare_precision(reference: Detector, reduced: Detector, images: CheckImage
                       show: bool = False) -> PrecisionReport:
     """Scores `images` with both detectors (under the reference's calibration); with `recalibrate`, also fits a
     calibration to the reduced detector's scores of the normal images."""
-    size = reference.image_size
-    check = prepared(images.check, size)
-    fp32 = raw_scores(reference, check, "fp32 scores", show)
-    low = raw_scores(reduced, check, f"{reduced.precision} scores", show)
+    fp32, low = scores([reference, reduced], images.check, f"fp32 and {reduced.precision} scores", show)
     report = precision_report(fp32, low, images.labels, reference.calibration, reduced.precision, images.source)
     if recalibrate:
-        normal = prepared(images.calibration, size) if images.calibration is not images.check else check
-        report.recalibrated = Calibration.fit(raw_scores(reduced, normal, "recalibrating", show))
+        normal = low if images.calibration is images.check else scores([reduced], images.calibration,
+                                                                        "recalibrating", show)[0]
+        report.recalibrated = Calibration.fit(normal)
         report.verdict_changes_recalibrated = int(np.sum(
             (fp32 > reference.calibration.threshold) != (low > report.recalibrated.threshold)))
     return report

@@ -156,6 +156,8 @@ class OnnxRuntimeRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
+        # idle threads sleep instead of spinning: the cores are shared with pre/postprocessing and the fused map
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: Tensor) -> Features:
@@ -174,9 +176,10 @@ class OpenVinoRunner:
 
         hint = {"fp32": "f32", "bf16": "bf16"}[precision]
         core = ov.Core()
+        # no CPU pinning: the detector shares the cores with pre/postprocessing (and on a busy host with others)
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", {
             "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY"})
+            "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
         effective = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         # a CPU without bf16 instructions runs f32 whatever was asked: say what actually runs
         self.precision = "bf16" if "bfloat16" in effective or effective == "bf16" else "fp32"
