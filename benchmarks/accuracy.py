@@ -148,8 +148,11 @@ def summary(values: list[float | None]) -> str:
 def write_markdown(results: dict[Run, dict], runs: list[Run], seeds: list[int], path: Path, study: str,
                    root: Path, extra: list[str], argv: list[str]) -> None:
     by_row: dict[tuple[str, str], list[dict]] = {}
+    seeds_of: dict[tuple[str, str], list[int]] = {}
     for run in runs:
-        by_row.setdefault((run.dataset, run.variant), []).append(results[run])
+        if run in results:  # a --report before every run is done leaves the missing ones out
+            by_row.setdefault((run.dataset, run.variant), []).append(results[run])
+            seeds_of.setdefault((run.dataset, run.variant), []).append(run.seed)
     command = "python benchmarks/accuracy.py" + ("" if not argv else " " + shlex.join(argv))
     shown_root = Path(os.path.relpath(root, ROOT)) if root.is_relative_to(ROOT) else root
     lines = [
@@ -164,24 +167,27 @@ def write_markdown(results: dict[Run, dict], runs: list[Run], seeds: list[int], 
         "defaults (MobileNetV2, batch 16, its default optimizer steps); ELPV at 256 px, the texture sets at their "
         "native 128 px.",
         "",
-        "| data | method | image AUROC | pixel AUROC | AU-PRO | AU-PRO (per image) | normal / anomalous | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| data | method | seeds | image AUROC | pixel AUROC | AU-PRO | AU-PRO (per image) | normal / anomalous "
+        "| train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (dataset, variant), rows in by_row.items():
         secs = [r["train_seconds"] for r in rows if r["train_seconds"] is not None]
         cells = [summary([r[k] for r in rows]) for k in METRICS]
-        lines.append(f"| {dataset} | {variant} | {' | '.join(cells)} | {rows[0]['n_normal']} / "
+        lines.append(f"| {dataset} | {variant} | {len(rows)} | {' | '.join(cells)} | {rows[0]['n_normal']} / "
                      f"{rows[0]['n_anomalous']} | {f'{np.mean(secs):.0f}' if secs else '-'} |")
     if study == "main":
         lines += ["", "Image AUROC, MRKD - RD4AD, paired bootstrap 95% CI:", "",
                   "| data | MRKD - RD4AD | 95% CI | verdict |", "|---|---|---|---|"]
         for dataset in dict.fromkeys(r.dataset for r in runs):
-            mrkd, rd4ad = by_row.get((dataset, "MRKD")), by_row.get((dataset, "RD4AD"))
-            if not mrkd or not rd4ad:
+            common = [s for s in seeds if all(Run(dataset, v, s) in results for v in ("MRKD", "RD4AD"))]
+            if not common:
                 continue
-            diff, low, high = paired_bootstrap(mrkd, rd4ad)
+            diff, low, high = paired_bootstrap([results[Run(dataset, "MRKD", s)] for s in common],
+                                               [results[Run(dataset, "RD4AD", s)] for s in common])
             verdict = "MRKD better" if low > 0 else "RD4AD better" if high < 0 else "no difference shown"
-            lines.append(f"| {dataset} | {diff:+.3f} | [{low:+.3f}, {high:+.3f}] | {verdict} |")
+            n_seeds = f"{len(common)} seed" + ("s" if len(common) > 1 else "")
+            lines.append(f"| {dataset} ({n_seeds}) | {diff:+.3f} | [{low:+.3f}, {high:+.3f}] | {verdict} |")
     lines += ["", "Commands (one seed shown per row; the others differ only in --seed and the folder):", ""]
     for (dataset, variant), _ in by_row.items():
         run = next(r for r in runs if r.dataset == dataset and r.variant == variant)
@@ -205,13 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/accuracy", help="folder of the runs")
     p.add_argument("--markdown", default="docs/results.md")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: mrkd.train's); quick checks")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write the markdown from the runs already done (the seeds column says how many)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = ["--steps", str(args.steps)] if args.steps else []
     runs = plan(args.study, seeds, args.sets.split(","))
     root = Path(args.out).resolve()
     to_do = sum(not (root / r.folder / "eval" / "metrics.json").exists() for r in runs)
-    print(f"{len(runs)} runs ({to_do} to do), {args.jobs} at a time", flush=True)
+    if args.report:
+        runs = [r for r in runs if (root / r.folder / "eval" / "metrics.json").exists()]
+        print(f"{len(runs)} runs done, {to_do} not (left out)", flush=True)
+    else:
+        print(f"{len(runs)} runs ({to_do} to do), {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = dict(zip(runs, pool.map(lambda r: execute(r, root, extra), runs)))
     write_markdown(results, runs, seeds, Path(args.markdown), args.study, root, extra, argv or sys.argv[1:])

@@ -922,7 +922,7 @@ def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoi
     in and restarted on the same ports 8 s later (longer than the 4 s request timeout). Every frame is answered,
     none is burned as an error, the client exits 0; the launcher whose server was killed exits 1 at once.
     (--retry-timeout 300: a restart takes 20 s on an idle 2-core machine but over a minute on a busy CI runner;
-    benchmarks/server_restart.py measures the full scenario with the default 60 s.)"""
+    `python benchmarks/resilience.py restart` measures the full scenario with the default 60 s.)"""
     import os
     import signal
     import subprocess

@@ -110,9 +110,21 @@ def assert_metrics_agree_with_jsonl(samples: dict[str, list], records: list[dict
         assert at_threshold == sum(1 for r in ok if r["score"] <= 0.5)
 
 
+def texts(driver, selector: str) -> list[str]:
+    """What a person reads in every element matching `selector`, read in one script call: the page re-renders
+    its elements on every update, so a found element can be replaced before its text is read."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText.trim());", selector)
+
+
+def text(driver, selector: str) -> str:
+    found = texts(driver, selector)
+    return found[0] if found else ""
+
+
 def counted(driver, camera: str, figure: str) -> int:
-    text = driver.find_element("css selector", f'[data-camera="{camera}"] .{figure}').text
-    return int(text) if text.isdigit() else -1
+    value = text(driver, f'[data-camera="{camera}"] .{figure}')
+    return int(value) if value.isdigit() else -1
 
 
 # ------------------------------------------------------------------------------------------- in a real browser
@@ -148,12 +160,12 @@ def test_browser_shows_every_camera_live_and_the_server_going_down(served_model,
 
             with headless_chromium() as driver:
                 driver.get(base)
-                names = wait_until(lambda: sorted(e.text for e in driver.find_elements("css selector", ".camera h2")),
+                names = wait_until(lambda: sorted(texts(driver, ".camera h2")),
                                    "the camera cards", timeout=30)
                 assert names == ["cells", "texture"]
-                assert driver.find_element("css selector", '[data-camera="cells"] .source').text == \
+                assert text(driver, '[data-camera="cells"] .source') == \
                     f"folder {cells} (8 images) (live)"
-                assert driver.find_element("css selector", '[data-camera="texture"] .source').text.startswith(
+                assert text(driver, '[data-camera="texture"] .source').startswith(
                     "synthetic brick crops 96px")
 
                 # frame counts rise while frames are sent
@@ -166,13 +178,14 @@ def test_browser_shows_every_camera_live_and_the_server_going_down(served_model,
                     'const i = document.querySelector(\'[data-camera="cells"] img.latest-image\');'
                     'return i && i.complete ? i.naturalWidth : 0;'), "the heat-map image to load")
                 assert width == 300  # the ELPV cells are 300 px wide, below the 320 px thumbnail limit
-                src = driver.find_element("css selector", '[data-camera="cells"] img.latest-image').get_attribute("src")
+                src = driver.execute_script(
+                    'return document.querySelector(\'[data-camera="cells"] img.latest-image\').src;')
                 status, body, content_type = get(src)
                 assert status == 200 and content_type == "image/jpeg" and body[:2] == b"\xff\xd8"
                 heat = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
                 # the jet overlay makes the gray cell colourful: its channels differ (a gray JPEG would not)
                 assert np.abs(heat[..., 0] - heat[..., 2]).mean() > 10
-                caption = driver.find_element("css selector", '[data-camera="cells"] .latest-caption').text
+                caption = text(driver, '[data-camera="cells"] .latest-caption')
                 assert "score" in caption and ("normal" in caption or "anomalous" in caption)
 
                 # anomalous frames' thumbnails, with their scores; each is anomalous in the JSONL file too
@@ -180,30 +193,30 @@ def test_browser_shows_every_camera_live_and_the_server_going_down(served_model,
                     'return [...document.querySelectorAll(\'[data-camera="texture"] .anomalies li\')]'
                     '.filter(li => li.querySelector("img") && li.querySelector("img").naturalWidth > 0)'
                     '.map(li => li.innerText);'), "an anomalous frame's thumbnail")
-                thumb_frames = [int(text.split("#")[1].split()[0]) for text in thumbs]
-                thumb_scores = [float(text.split("score ")[1].split()[0]) for text in thumbs]
+                thumb_frames = [int(t.split("#")[1].split()[0]) for t in thumbs]
+                thumb_scores = [float(t.split("score ")[1].split()[0]) for t in thumbs]
                 keyed = {(r["camera"], r["frame"]): r for r in read_jsonl(out)}
                 for frame, score in zip(thumb_frames, thumb_scores):
                     assert keyed[("texture", frame)]["verdict"] == "anomalous"
                     assert score == pytest.approx(keyed[("texture", frame)]["score"], abs=1e-3)
                 driver.save_screenshot(str(tmp_path / "dashboard.png"))
-                assert driver.find_element("css selector", ".server .badge").text == "up"
+                assert text(driver, ".server .badge") == "up"
 
                 # the server goes away: the page says so, and the cameras wait for a server
                 server.stop()
-                wait_until(lambda: driver.find_element("css selector", ".server .badge").text == "down",
+                wait_until(lambda: text(driver, ".server .badge") == "down",
                            "the page to show the server down", timeout=30)
-                wait_until(lambda: {e.text for e in driver.find_elements("css selector", ".camera .state")}
+                wait_until(lambda: set(texts(driver, ".camera .state"))
                            == {"waiting for a server"}, "the cameras to wait for a server", timeout=30)
-                assert "No server is ready" in driver.find_element("id", "banner").text
+                assert "No server is ready" in text(driver, "#banner")
                 driver.save_screenshot(str(tmp_path / "dashboard_server_down.png"))
                 print(f"screenshots: {tmp_path / 'dashboard.png'}, {tmp_path / 'dashboard_server_down.png'}")
 
                 # Ctrl-C ends the run; --keep-open keeps the page, which shows the run finished
                 process.send_signal(signal.SIGINT)
                 wait_until(lambda: get_json(base + "api/cameras")["finished"], "the run to finish", timeout=60)
-                wait_until(lambda: driver.find_element("id", "run").text == "run finished", "the page to show it")
-                assert {e.text for e in driver.find_elements("css selector", ".camera .state")} == {"stopped"}
+                wait_until(lambda: text(driver, "#run") == "run finished", "the page to show it")
+                assert set(texts(driver, ".camera .state")) == {"stopped"}
 
             records = read_jsonl(out)
             assert any(r["status"] == "error" for r in records)  # frames sent after the server stopped

@@ -210,6 +210,9 @@ class _FlatFeatures(nn.Module):
         return (*teacher, *student)
 
 
+_ONNX_EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps global state: one export at a time per process
+
+
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> list[str]:
     """Writes the module as ONNX (fp32, dynamic batch, fixed image size) atomically; returns the output names."""
     model = model.to("cpu", torch.float32).eval()
@@ -217,7 +220,7 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> list[str
     with torch.inference_mode():
         teacher, student = model(example)
     names = [f"teacher_{i}" for i in range(len(teacher))] + [f"student_{i}" for i in range(len(student))]
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with _ONNX_EXPORT_LOCK, atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
         torch.onnx.export(
             _FlatFeatures(model), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,

@@ -1,15 +1,9 @@
 """A trained checkpoint -> a new version of a product's models in a Triton model repository (mrkd.export's work).
 
-Naming: product NAME (default "mrkd") owns six models in the repository:
-  NAME                    ensemble, input IMAGE (encoded JPEG/PNG/BMP bytes, TYPE_STRING [1])
-  NAME_raw                ensemble, input FRAME (decoded UINT8 [H, W, 3] frames)
-  NAME_preprocess         python: decode + grayscale->3ch + resize -> PREPARED uint8 [3, S, S]
-  NAME_frame_preprocess   python: the same for decoded frames
-  NAME_detector           python: teacher + bottleneck + student + fused anomaly map (dynamic batching)
-  NAME_postprocess        python: calibration -> SCORE, IS_ANOMALOUS, ANOMALY_MAP
-Both ensembles answer SCORE (FP32 [1]), RAW_SCORE (FP32 [1]), IS_ANOMALOUS (BOOL [1]) and ANOMALY_MAP ([M, M],
-FP16 or UINT8 with 255 = 1.0). The version folder of NAME_detector holds the checkpoint, that of NAME_postprocess its
-calibration. model.py files are one-line imports of mrkd.triton.models, so the code lives once, in the package.
+The six models of a product NAME (ensembles NAME and NAME_raw; python models NAME_preprocess,
+NAME_frame_preprocess, NAME_detector, NAME_postprocess), their inputs and outputs: `python -m mrkd.export --help`.
+The version folder of NAME_detector holds the checkpoint (and the exported network), that of NAME_postprocess its
+calibration; model.py files are one-line imports of mrkd.triton.models.
 
 One export is one version V of the whole product, all or nothing:
 - every config.pbtxt pins V (python models: `version_policy: { specific: { versions: [ V ] } }`; ensembles: each

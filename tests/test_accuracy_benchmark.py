@@ -1,0 +1,78 @@
+"""The statistics behind docs/results.md: the paired bootstrap CI of MRKD - RD4AD and the partial report."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_result(labels, scores) -> dict:
+    return {"scores": {f"img{i:03d}": (int(y), float(s)) for i, (y, s) in enumerate(zip(labels, scores))}}
+
+
+def test_identical_methods_give_a_zero_difference_and_a_zero_width_interval():
+    accuracy = load_accuracy()
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30), np.ones(30)]
+    runs = [run_result(labels, rng.normal(size=60) + labels) for _ in range(3)]
+    diff, low, high = accuracy.paired_bootstrap(runs, runs, resamples=200)
+    assert (diff, low, high) == (0.0, 0.0, 0.0)
+
+
+def test_a_clearly_better_method_has_an_interval_above_zero_around_the_observed_difference():
+    accuracy = load_accuracy()
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(40), np.ones(40)]
+    better, worse = [], []
+    for _ in range(3):
+        better.append(run_result(labels, labels + 0.3 * rng.normal(size=80)))
+        worse.append(run_result(labels, labels + 2.0 * rng.normal(size=80)))
+    expected = np.mean([roc_auc_score(labels, [s for _, s in b["scores"].values()])
+                        - roc_auc_score(labels, [s for _, s in w["scores"].values()])
+                        for b, w in zip(better, worse)])
+    diff, low, high = accuracy.paired_bootstrap(better, worse, resamples=300)
+    assert diff == pytest.approx(expected)
+    assert 0 < low < diff < high
+    reverse = accuracy.paired_bootstrap(worse, better, resamples=300)
+    assert reverse[0] == pytest.approx(-diff) and reverse[2] < 0
+
+
+def test_runs_that_do_not_share_their_test_images_are_refused():
+    accuracy = load_accuracy()
+    a = run_result([0, 1], [0.1, 0.9])
+    b = {"scores": {"other0": (0, 0.1), "other1": (1, 0.9)}}
+    with pytest.raises(ValueError, match="share their test images"):
+        accuracy.paired_bootstrap([a], [b], resamples=10)
+
+
+def test_a_partial_report_pairs_only_the_seeds_both_methods_have(tmp_path):
+    accuracy = load_accuracy()
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    results = {}
+    for seed in (1, 2):
+        for variant in ("MRKD", "RD4AD"):
+            if (seed, variant) == (2, "RD4AD"):
+                continue  # not done yet
+            result = run_result(labels, labels + rng.normal(size=40))
+            result.update(image_auroc=0.5, pixel_auroc=None, aupro=None, aupro_per_image=None, n_normal=20,
+                          n_anomalous=20, train_seconds=None)
+            results[accuracy.Run("elpv:mono", variant, seed)] = result
+    runs = list(results)
+    out = tmp_path / "results.md"
+    accuracy.write_markdown(results, runs, [1, 2], out, "main", tmp_path, [], ["--report"])
+    text = out.read_text()
+    assert "| elpv:mono | MRKD | 2 |" in text and "| elpv:mono | RD4AD | 1 |" in text
+    assert "| elpv:mono (1 seed) |" in text
