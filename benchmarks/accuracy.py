@@ -91,6 +91,7 @@ def execute(run: Run, root: Path, extra: list[str]) -> dict:
     seconds = None
     if not metrics_file.exists():
         folder.mkdir(parents=True, exist_ok=True)
+        resumed = (folder / "checkpoint.pt").exists()  # its time so far is unknown: no training time recorded
         with (folder / "log.txt").open("a") as log:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "mrkd.train", *train_args, "--resume"], check=True, cwd=ROOT,
@@ -98,8 +99,11 @@ def execute(run: Run, root: Path, extra: list[str]) -> dict:
             seconds = time.perf_counter() - start
             subprocess.run([sys.executable, "-m", "mrkd.evaluate", *eval_args], check=True, cwd=ROOT, stdout=log,
                            stderr=subprocess.STDOUT)
-        (folder / "train_seconds.txt").write_text(f"{seconds:.1f}\n")
-        print(f"done {run.dataset} {run.variant} seed {run.seed}: {seconds:.0f} s", flush=True)
+        if not resumed:
+            (folder / "train_seconds.txt").write_text(f"{seconds:.1f}\n")
+        print(f"done {run.dataset} {run.variant} seed {run.seed}: {seconds:.0f} s" + (" (resumed)" if resumed else ""),
+              flush=True)
+        seconds = None if resumed else seconds
     elif (folder / "train_seconds.txt").exists():
         seconds = float((folder / "train_seconds.txt").read_text())
     metrics = json.loads(metrics_file.read_text())

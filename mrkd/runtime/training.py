@@ -317,7 +317,8 @@ class Trainer:
                      cfg.data, len(self.images), self.total_steps, cfg.batch_size,
                      self.total_steps / self.steps_per_epoch, "bf16" if self.options.bf16 else "fp32",
                      ", cached targets" if self.features.cached is not None else "",
-                     "on" if cfg.ilm else "off", self.ilm_row or "default", "on" if cfg.flm else "off")
+                     "on" if cfg.ilm else "off", self.ilm_row if self.ilm_row in ILM_SETTINGS else "carpet, the default",
+                     "on" if cfg.flm else "off")
         self.model.train()
         report_every = max(1, self.total_steps // PROGRESS_LINES)
         bar = tqdm(total=until, initial=state.step, desc="training", unit="step", leave=False, disable=not self.bars)
