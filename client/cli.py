@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write heat-map overlay PNGs of anomalous frames to DIR/<camera>/")
     output.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
                         help="live per-camera progress on stderr (auto: rich on a terminal if installed)")
-    output.add_argument("--progress-interval", type=float, default=1.0, help="seconds between progress updates")
+    output.add_argument("--progress-interval", type=float, default=None,
+                        help="seconds between progress updates (default: 1 on a terminal, 10 in a log)")
     output.add_argument("--dashboard", default=None, metavar="HOST:PORT",
                         help="serve the live page of every camera (/) and Prometheus metrics (/metrics) there while "
                              "the client runs, e.g. 127.0.0.1:8080 (port 0: any free port; docs/dashboard.md)")
@@ -149,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     elif args.keep_open:
         parser.error("--keep-open needs --dashboard")
     for name in ("timeout", "probe_interval", "progress_interval"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.retry_timeout < 0:
         parser.error(f"--retry-timeout must not be negative, got {args.retry_timeout}")

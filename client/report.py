@@ -376,13 +376,18 @@ def rich_available() -> bool:
 
 class Progress:
     """A live per-camera progress display on stderr: rich when installed and stderr is a terminal, else a plain
-    line per camera every `interval` seconds ('plain'), or nothing ('none')."""
+    line per camera every `interval` seconds ('plain'), or nothing ('none'). Without an interval: 1 s on a terminal,
+    10 s in a log (the lines are kept, so fewer of them)."""
 
-    def __init__(self, stats: Sequence[CameraStats], mode: str = "auto", interval: float = 1.0, stream=None):
+    def __init__(self, stats: Sequence[CameraStats], mode: str = "auto", interval: float | None = None,
+                 stream=None):
         self.stats = list(stats)
         self.stream = stream or sys.stderr
+        terminal = self.stream.isatty()
         if mode == "auto":
-            mode = "rich" if rich_available() and self.stream.isatty() else "plain"
+            mode = "rich" if rich_available() and terminal else "plain"
+        if interval is None:
+            interval = 1.0 if terminal else 10.0
         if mode == "rich" and not rich_available():
             raise ValueError("--progress rich needs the 'rich' package, which is not installed")
         if mode not in ("rich", "plain", "none"):

@@ -967,3 +967,19 @@ def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoi
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def test_progress_in_a_log_is_a_line_per_camera_every_ten_seconds_and_live_on_a_terminal():
+    import io
+
+    from client.report import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    in_log = Progress([], "auto", stream=io.StringIO())
+    assert (in_log.mode, in_log.interval) == ("plain", 10.0)
+    on_terminal = Progress([], "plain", stream=Terminal())
+    assert on_terminal.interval == 1.0
+    assert Progress([], "plain", interval=0.5, stream=io.StringIO()).interval == 0.5

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class TestRun:
 def run_detector(detector: Detector, records: list[ImageRecord], show: bool = True) -> TestRun:
     scores, normalized, maps, seconds = [], [], [], 0.0
     bs = detector.batch_size
-    for i in tqdm(range(0, len(records), bs), desc="evaluating", disable=not show, leave=False):
+    for i in tqdm(range(0, len(records), bs), desc="evaluating", disable=not (show and sys.stderr.isatty()), leave=False):
         batch = torch.stack([prepare_image(r.load_image(), detector.image_size) for r in records[i : i + bs]])
         start = time.perf_counter()
         pred = detector.predict_prepared(batch)

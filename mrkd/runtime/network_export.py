@@ -10,6 +10,7 @@ images (the checkpoint's calibration split, or the user's images).
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def scores(detectors: Sequence[Detector], images: Sequence[Callable[[], np.ndarr
     """Raw scores [N] of the images by each detector, batch by batch (images are loaded once, never all at once)."""
     step, size = detectors[0].batch_size, detectors[0].image_size
     parts: list[list[np.ndarray]] = [[] for _ in detectors]
-    for i in tqdm(range(0, len(images), step), desc=desc, disable=not show, leave=False):
+    for i in tqdm(range(0, len(images), step), desc=desc, disable=not (show and sys.stderr.isatty()), leave=False):
         try:
             batch = torch.stack([prepare_image(load(), size) for load in images[i : i + step]])
         except InvalidImageError as exc:
