@@ -42,6 +42,21 @@ def normalize_url(url: str) -> str:
     return text
 
 
+# gRPC retries a lost connection with exponential backoff that grows to 120 s by default, so a server that came
+# back after a minute away could stay unreachable to this client for another half minute while its frames expire.
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 500, "grpc.min_reconnect_backoff_ms": 500,
+                        "grpc.max_reconnect_backoff_ms": 2000}
+
+
+def connect(url: str) -> grpcclient.InferenceServerClient:
+    """A Triton gRPC client that reconnects within about 2 s once the server is back (tritonclient's message size
+    limits kept)."""
+    return grpcclient.InferenceServerClient(url, channel_args=[
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        *RECONNECT_BACKOFF_MS.items()])
+
+
 @dataclass
 class Server:
     url: str
@@ -78,7 +93,7 @@ class ServerPool:
         self.probe_timeout = probe_timeout
         self.probe_request = probe_request
         self.probe_request_timeout = probe_request_timeout
-        self.servers = [Server(url, grpcclient.InferenceServerClient(url)) for url in normalized]
+        self.servers = [Server(url, connect(url)) for url in normalized]
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._turn = 0

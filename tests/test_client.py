@@ -983,3 +983,4 @@ def test_progress_in_a_log_is_a_line_per_camera_every_ten_seconds_and_live_on_a_
     on_terminal = Progress([], "plain", stream=Terminal())
     assert on_terminal.interval == 1.0
     assert Progress([], "plain", interval=0.5, stream=io.StringIO()).interval == 0.5
+
