@@ -368,6 +368,13 @@ def copy_cells(folder: Path, paths: list[Path]) -> Path:
     return folder
 
 
+def two_gated_cameras(tmp_path: Path, release: threading.Event) -> list[tuple[str, "GatedFolderSource"]]:
+    """Cameras c1 and c2, six real ELPV cells each, looping until `release` is set (GatedFolderSource)."""
+    cells = elpv_images()
+    return [(name, GatedFolderSource(copy_cells(tmp_path / name, cells[k * 6:(k + 1) * 6]), release))
+            for k, name in enumerate(("c1", "c2"))]
+
+
 @pytest.fixture(scope="module")
 def detector(served_model):
     from mrkd.runtime.detector import Detector
@@ -501,10 +508,8 @@ def test_failover_between_two_real_servers_loses_no_frame(served_model, tmp_path
     from client.runner import MultiCameraRunner, RunOptions
     from mrkd.triton.launcher import TritonServer
 
-    cells = elpv_images()
     release = threading.Event()
-    sources = [(name, GatedFolderSource(copy_cells(tmp_path / name, cells[k * 6:(k + 1) * 6]), release))
-               for k, name in enumerate(("c1", "c2"))]
+    sources = two_gated_cameras(tmp_path, release)
     out = tmp_path / "results.jsonl"
     # B serves only the encoded-image ensemble and its steps: fewer python-backend processes to start.
     repo_b = tmp_path / "repo_b"
@@ -709,10 +714,8 @@ def test_a_server_side_failure_is_retried_elsewhere_and_the_failing_server_avoid
     no request while it fails (its probes run a real inference, which fails), and it is used again once healed."""
     from client.runner import MultiCameraRunner, RunOptions
 
-    cells = elpv_images()
     release = threading.Event()
-    sources = [(name, GatedFolderSource(copy_cells(tmp_path / name, cells[k * 6:(k + 1) * 6]), release))
-               for k, name in enumerate(("c1", "c2"))]
+    sources = two_gated_cameras(tmp_path, release)
     out = tmp_path / "results.jsonl"
     a, b = served_model.grpc_url, faulty_served_model.grpc_url
     pool = ServerPool([a, b], served_model.model_name, probe_interval=0.2)
