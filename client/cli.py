@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mrkd.core.files import user_path
+
 from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .report import JsonlWriter, Progress, print_summary
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="mrkd", help="ensemble name (default: %(default)s)")
     parser.add_argument("--camera", action="append", required=True, metavar="NAME=SOURCE",
                         help="a camera: NAME (letters, digits, _ . -) and its SOURCE; repeat for more cameras")
-    parser.add_argument("--out", required=True, type=Path,
+    parser.add_argument("--out", required=True, type=user_path,
                         help="results file, one JSON line per frame; an existing file is refused (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds to wait for answers in flight when stopping (default: %(default)s)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--save-heatmaps", type=Path, default=None, metavar="DIR",
+    output.add_argument("--save-heatmaps", type=user_path, default=None, metavar="DIR",
                         help="write heat-map overlay PNGs of anomalous frames to DIR/<camera>/")
     output.add_argument("--progress", choices=("auto", "rich", "plain", "none"), default="auto",
                         help="live per-camera progress on stderr (auto: rich on a terminal if installed)")

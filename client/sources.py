@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mrkd.core.files import user_path
 from mrkd.core.preprocess import InvalidImageError, load_image, to_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -168,6 +169,8 @@ class VideoSource(FrameSource):
         self.is_stream = location.lower().startswith(STREAM_SCHEMES)
         self.live = self.is_stream
         super().__init__(options)
+        if not self.is_stream:
+            location = str(user_path(location))
         if not self.is_stream and not Path(location).is_file():
             raise SourceError(f"video file not found: {location}")
         self.location = location
@@ -336,7 +339,7 @@ def open_source(spec: str, options: SourceOptions | None = None) -> FrameSource:
         return SyntheticSource(parse_synthetic(spec), options)
     if spec.lower().startswith(STREAM_SCHEMES):
         return VideoSource(spec, options)
-    path = Path(spec)
+    path = user_path(spec)
     if path.is_dir():
         return FolderSource(path, options)
     if path.is_file():

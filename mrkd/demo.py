@@ -20,6 +20,7 @@ import logging
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,12 +29,13 @@ import numpy as np
 
 from .core.config import TrainConfig
 from .data import open_dataset
+from .core.files import user_path
 from .runtime.checkpoint import CheckpointError, load_checkpoint
 from .runtime.evaluation import evaluate
 from .runtime.training import train
 from .runtime.visualize import save_png
-from .triton.launcher import TritonServer, free_port
-from .triton.repository import ExportOptions, export
+from .triton.launcher import ServerError, TritonServer, find_triton, free_port
+from .triton.repository import ExportError, ExportOptions, export
 
 log = logging.getLogger("mrkd.demo")
 
@@ -97,11 +99,47 @@ def dashboard_address(requested: str) -> str:
             return f"{host}:{free_port(host)}"
 
 
+class PreflightError(RuntimeError):
+    """Something that would make the demo fail after training, found before it."""
+
+
+def preflight(out: Path, dashboard: str | None) -> str | None:
+    """Checks what can fail after the long training step, before it: the output folder is writable, tritonserver
+    is installed, the dashboard's address is free. Returns the dashboard's HOST:PORT (None: no dashboard)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check."):
+            pass
+    except OSError as exc:
+        raise PreflightError(f"the output folder {out} is not writable ({exc.strerror or exc}); "
+                             f"pick another with --out") from exc
+    try:
+        find_triton()
+    except ServerError as exc:
+        raise PreflightError(str(exc)) from exc
+    if dashboard is None:
+        return None
+    address = dashboard_address(dashboard)
+    host, _, port = address.rpartition(":")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, int(port)))
+        except (OSError, ValueError) as exc:
+            raise PreflightError(f"the dashboard address {address} cannot be used ({exc}); pick another with "
+                                 f"--dashboard HOST:PORT, or --no-dashboard") from exc
+    return address
+
+
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = user_path(args.out)
     budget = {"steps": args.steps} if args.steps else {}
     cfg = TrainConfig(out=str(out / "model"), **budget)
     start = time.perf_counter()
+    try:
+        address = preflight(out, None if args.no_dashboard else args.dashboard)
+    except PreflightError as exc:
+        log.error("error: %s", exc)
+        return 2
 
     checkpoint = None if args.retrain else reusable_checkpoint(cfg)
     if checkpoint:
@@ -110,7 +148,17 @@ def run(args: argparse.Namespace) -> int:
         log.info("[1/5] training MRKD (%s, %s, %d steps, %d px) on %s", cfg.backbone,
                  "pretrained" if cfg.pretrained else "random", cfg.steps, cfg.image_size, cfg.data)
         checkpoint = train(cfg)
+    try:
+        return serve_and_stream(args, cfg, out, checkpoint, address, start)
+    except (ExportError, ServerError, CheckpointError, ValueError, OSError) as exc:
+        log.error("error: %s", exc)
+        log.error("the trained model %s is kept: run the demo again to reuse it", checkpoint)
+        return 1
 
+
+def serve_and_stream(args: argparse.Namespace, cfg: TrainConfig, out: Path, checkpoint: Path, address: str | None,
+                     start: float) -> int:
+    """Steps 2-5 on a trained checkpoint: evaluate, export, serve, stream the held-out cells, report."""
     log.info("[2/5] evaluating on the held-out cells")
     metrics = evaluate(checkpoint, cfg.data, out / "eval")
     log.info("      image AUROC %.3f on %d normal / %d defective cells (%.1f ms/image in process)",
@@ -129,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
                    "--out", str(results), "--overwrite", "--save-heatmaps", str(out / "heatmaps")]  # its results
         for name, (folder, _) in feeds.items():
             command += ["--camera", f"{name}={folder}"]
-        if not args.no_dashboard:
-            address = dashboard_address(args.dashboard)
+        if address is not None:
             command += ["--dashboard", address] + (["--keep-open"] if args.keep_open else [])
             log.info("      live dashboard: http://%s/  (client metrics: /metrics; Triton's: "
                      "http://127.0.0.1:%d/metrics)", address.replace("0.0.0.0", "127.0.0.1"), server.metrics_port)
@@ -171,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-dashboard", action="store_true", help="run the client without its live page")
     p.add_argument("--keep-open", action="store_true",
                    help="after the run, keep the page and the server up until Ctrl-C")
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ExportError, ServerError, CheckpointError, ValueError, OSError) as exc:
+        log.error("error: %s", exc)
+        return 1
 
 
 if __name__ == "__main__":

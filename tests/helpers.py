@@ -13,15 +13,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_serve(repo: Path, ports: tuple[int, int, int] = (0, 0, 0), log: Path | None = None,
-                timeout: float = 240.0) -> subprocess.Popen:
-    """Starts `python -m mrkd.serve` on `repo` (ports 0: any free ones) and returns it once it printed "ready";
-    raises AssertionError with its stderr if it exits or does not become ready in time."""
+                timeout: float = 240.0, cwd: Path = REPO_ROOT) -> subprocess.Popen:
+    """Starts `python -m mrkd.serve` on `repo` (ports 0: any free ones; a relative `repo` is relative to `cwd`)
+    and returns it once it printed "ready"; raises AssertionError with its stderr if it exits or does not become
+    ready in time."""
     grpc, http, metrics = ports
     command = [sys.executable, "-m", "mrkd.serve", "--repo", str(repo), "--grpc-port", str(grpc),
                "--http-port", str(http), "--metrics-port", str(metrics)]
     if log is not None:
         command += ["--log-file", str(log)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([process.stdout], [], [], 1.0)

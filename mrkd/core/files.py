@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """A path as a user writes it: `~` expanded; relative paths stay relative to the working directory. Every
+    command and library entry point that takes a path passes it through here, so `~`, relative and absolute
+    paths behave the same."""
+    return Path(path).expanduser()
+
+
 def fsync_path(path: str | Path) -> None:
     """Flushes a file's data, or a folder's entries (names created, renamed, removed), to the disk."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.files import user_path
 from .elpv import open_elpv
 from .mvtec import open_mvtec_folder
 from .records import DatasetLayoutError, DatasetSplits, ImageRecord
@@ -46,5 +47,5 @@ def open_dataset(
         return open_elpv(text.split(":", 1)[1], seed, include_uncertain, calibration_fraction)
     if text.startswith("textures:"):
         return open_textures(text.split(":", 1)[1], seed, crop_size)
-    return open_mvtec_folder(Path(spec), category, seed, calibration_fraction)
+    return open_mvtec_folder(user_path(spec), category, seed, calibration_fraction)
 

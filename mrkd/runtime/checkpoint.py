@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..core.config import MRKD_VERSION
-from ..core.files import atomic_path
+from ..core.files import atomic_path, user_path
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1
@@ -30,9 +30,10 @@ def versions() -> dict[str, str]:
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Writes `payload` (plus format tags and versions) to `path` atomically."""
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(), **payload}
+    path = user_path(path)
     with atomic_path(path) as tmp:
         torch.save(data, tmp)
-    return Path(path)
+    return path
 
 
 def load_checkpoint(
@@ -43,7 +44,7 @@ def load_checkpoint(
     A checkpoint written during training (periodic or on Ctrl-C) has no calibration yet: it can be resumed
     (`for_inference=False`) but not served.
     """
-    path = Path(path)
+    path = user_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():

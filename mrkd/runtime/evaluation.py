@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from ..data import ImageRecord, open_dataset
 from .detector import Detector
-from ..core.files import atomic_path, write_json
+from ..core.files import atomic_path, user_path, write_json
 from .metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 from ..core.preprocess import prepare_image
 from .visualize import overlay, save_png
@@ -125,7 +125,7 @@ def save_roc_plot(path: Path, labels: np.ndarray, scores: np.ndarray) -> None:
 
 def evaluate(checkpoint: str | Path, data: str, out: str | Path, category: str | None = None,
              seed: int | None = None, device: str = "cpu", batch_size: int = 16, show_progress: bool = True) -> dict:
-    out = Path(out)
+    out = user_path(out)
     payload = load_checkpoint(checkpoint)
     train_config = payload.get("train_config") or {}
     seed = seed if seed is not None else int(train_config.get("seed", 111))

@@ -26,6 +26,7 @@ from .metrics import image_auroc
 from .network_runtime import (MANIFEST_FILE, NetworkManifest, NetworkRuntimeError, check_choice,
                               convert, file_sha256, load_runner)
 from ..core.config import ModelConfig
+from ..core.files import user_path
 from ..core.preprocess import InvalidImageError, load_image, prepare_image
 from ..data import open_dataset
 from ..model.network import MRKDModel
@@ -48,7 +49,7 @@ def check_images(train_config: dict | None, calibration_images: str | Path | Non
     """The user's folder when given (all its images; assumed normal), else the checkpoint's own data: the test
     split to compare on and the calibration split to recalibrate on."""
     if calibration_images is not None:
-        folder = Path(calibration_images)
+        folder = user_path(calibration_images)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
             raise NetworkRuntimeError(f"--calibration-images {folder}: no {'/'.join(IMAGE_SUFFIXES)} images there")

@@ -36,7 +36,7 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from ..core.config import ModelConfig, TrainConfig
-from ..core.files import write_json
+from ..core.files import user_path, write_json
 from ..core.preprocess import normalize, prepare_image
 from ..data import ImageRecord, open_dataset
 from ..model.loss import cosine_distillation_loss
@@ -240,7 +240,7 @@ class Trainer:
         self.show = show_progress and self.ddp.is_main  # the concise progress lines
         self.bars = self.show and sys.stderr.isatty()  # live bars only on a terminal, not in logs
         self.options = options or StepOptions(bf16=use_bf16(cfg.precision, self.device))
-        self.out = Path(cfg.out)
+        self.out = user_path(cfg.out)
         self.ckpt_path = self.out / CHECKPOINT_NAME
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import ModelConfig
+from ..core.files import user_path
 from ..model.backbones import Backbone, BackboneSpec, PackageFile, TorchvisionFile, backbone_spec, create_backbone
 from ..model.network import MRKDModel
 
@@ -67,7 +68,7 @@ def imagenet_classifier(name: str, weights: WeightsPath = None) -> nn.Module:
 def read_weights(spec: BackboneSpec, weights: WeightsPath = None) -> tuple[Path, dict[str, Tensor]]:
     """(path, state dict) of the backbone's ImageNet weight file."""
     if weights is not None:
-        path = Path(weights)
+        path = user_path(weights)
     elif isinstance(spec.weights, PackageFile):
         path = _package_file(spec.weights, spec.name)
     else:

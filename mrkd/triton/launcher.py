@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ..core.files import user_path
 from .models import CHECKPOINT_FILE
 from .repository import ExportError, prepare_repository, repository_lock
 
@@ -59,6 +60,9 @@ def _parent_death_hook(sig: int):
         prctl(option, value, zero, zero, zero)
 
     return hook
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the mrkd package
 
 
 class ServerError(RuntimeError):
@@ -131,7 +135,7 @@ def served_version(folder: Path, text: str) -> int | None:
 def check_repository(repo: str | Path) -> list[str]:
     """Model names of `repo`, after completing exports that a crash interrupted; raises ServerError naming what is
     missing (e.g. a repository never exported) or inconsistent (an ensemble pinned to a version not served)."""
-    repo = Path(repo)
+    repo = user_path(repo)
     if not repo.is_dir():
         raise ServerError(f"model repository not found: {repo}")
     try:
@@ -209,10 +213,10 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.repo_arg = Path(repo)  # as given, for messages
-        self.repo = self.repo_arg.resolve()
+        self.repo = user_path(repo).resolve()
         self.host = host
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
-        self.log_file = Path(log_file) if log_file else None
+        self.log_file = user_path(log_file).resolve() if log_file else None
         self.startup_timeout = startup_timeout
         self.extra_args = extra_args
         self.models: list[str] = []
@@ -295,6 +299,7 @@ class TritonServer:
             try:
                 self._process = subprocess.Popen(
                     command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                    cwd=PACKAGE_ROOT,  # the python-backend stub ignores PYTHONPATH but imports from its folder
                     start_new_session=True,  # Ctrl-C reaches only the launcher, which then stops the server
                     preexec_fn=_parent_death_hook(PARENT_DEATH_SIGNAL),
                 )
@@ -328,8 +333,7 @@ class TritonServer:
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(install.lib_dir),
                                                                    env.get("LD_LIBRARY_PATH")]))
         # The model.py files import mrkd: make this checkout importable even when it is not pip-installed.
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
         return env
 
     def _http(self, method: str, path: str, timeout: float = 2.0) -> tuple[int, bytes]:

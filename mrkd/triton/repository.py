@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.config import ModelConfig
-from ..core.files import atomic_path, file_lock, fsync_path
+from ..core.files import atomic_path, file_lock, fsync_path, user_path
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.network_export import PreparedNetwork, prepare_network
 from ..runtime.network_runtime import DEFAULT_CPU_RUNTIME, PRECISIONS, RUNTIMES, NetworkRuntimeError
@@ -270,6 +270,7 @@ def existing_versions(repo: Path, name: str) -> list[int]:
 def write_configs(repo: Path, image_size: int, opts: ExportOptions) -> dict[str, str]:
     """Writes (atomically) the unversioned config.pbtxt templates of the product (`--configs-only`); returns
     {role: model name}."""
+    repo = user_path(repo)
     for model, text in render_configs(image_size, opts).items():
         with atomic_path(repo / model / "config.pbtxt") as tmp:
             tmp.write_text(text)
@@ -365,7 +366,7 @@ def finish_interrupted_exports(repo: str | Path) -> list[str]:
     """Completes every export whose publication a crash interrupted (its journal is still there), and removes the
     temporary files of exports that died before publishing. Returns the products completed. The caller holds the
     repository lock, or calls `prepare_repository`."""
-    repo = Path(repo)
+    repo = user_path(repo).resolve()
     done = []
     for journal in sorted(repo.glob(f".*{JOURNAL_SUFFIX}")):
         _apply_journal(repo, journal)
@@ -376,13 +377,13 @@ def finish_interrupted_exports(repo: str | Path) -> list[str]:
 
 def repository_lock(repo: str | Path, shared: bool = False):
     """The repository's export lock (see the module docstring); a context manager."""
-    return file_lock(Path(repo) / EXPORT_LOCK, shared=shared)
+    return file_lock(user_path(repo) / EXPORT_LOCK, shared=shared)
 
 
 def prepare_repository(repo: str | Path) -> list[str]:
     """Under the exclusive lock: completes interrupted exports (what `mrkd.serve` runs before it starts the
     server). A read-only repository is left as it is."""
-    repo = Path(repo)
+    repo = user_path(repo).resolve()
     if not repo.is_dir():
         return []
     with repository_lock(repo) as locked:
@@ -395,12 +396,13 @@ def export(checkpoint: str | Path, repo: str | Path, opts: ExportOptions, versio
     """Copies the checkpoint and generated configs into `repo` as a new version of product `opts.name`: all six
     models at once, or nothing (see the module docstring)."""
     opts.validate()
-    repo = Path(repo)
+    # Absolute and free of symlinks: staged files (tempfile returns absolute names) are journalled relative to it.
+    repo = user_path(repo).resolve()
+    checkpoint = user_path(checkpoint)
     try:
         data = load_checkpoint(checkpoint)  # the same checks the server will make, before anything is written
     except CheckpointError as exc:
         raise ExportError(f"cannot export: {exc}") from exc
-    checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         checkpoint = checkpoint / CHECKPOINT_FILE
     model_config = ModelConfig.from_dict(data["model_config"])
