@@ -139,3 +139,21 @@ def test_demo_refuses_a_dashboard_address_in_use_before_training(tmp_path: Path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"127.0.0.1:{port}" in result.stderr and "--dashboard" in result.stderr
     assert "training" not in result.stderr
+
+
+@pytest.mark.timeout(1800)  # trains one step at the demo's 256 px on every training cell: minutes on 2 cores
+def test_demo_keeps_its_trained_model_when_a_later_step_fails_and_reuses_it(tmp_path: Path):
+    """A failure after training (here: the model repository path is taken by a file, so the export fails) is one
+    line naming the problem; running the demo again reuses the trained model instead of training again."""
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    (tmp_path / "runs/demo/model_repository").write_text("not a folder")
+    first = command(tmp_path, "mrkd.demo", "--steps", "1", "--no-dashboard", timeout=1700)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    assert "[1/5] training" in first.stderr and "is kept" in first.stderr
+    assert (tmp_path / "runs/demo/model/checkpoint.pt").is_file()
+
+    second = command(tmp_path, "mrkd.demo", "--steps", "1", "--no-dashboard", timeout=900)
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert "[1/5] reusing the trained model" in second.stderr
+    assert "[1/5] training" not in second.stderr
