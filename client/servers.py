@@ -315,8 +315,13 @@ class ServerPool:
                 return None
             fewest = min(s.in_flight for s in candidates)
             tied = [s for s in candidates if s.in_flight == fewest]
-            server = tied[self._turn % len(tied)]
-            self._turn += 1
+            # Round robin over the pool's order: the first tied server at or after the one after the last pick. (An
+            # index into `tied` taken from a shared counter favours some servers when ties of different sizes
+            # alternate, as when several cameras send at once.)
+            count = len(self.servers)
+            order = [self.servers[(self._turn + k) % count] for k in range(count)]
+            server = next(s for s in order if s in tied)
+            self._turn = (self.servers.index(server) + 1) % count
             server.in_flight += 1
             server.requests += 1
             return server

@@ -115,6 +115,19 @@ def test_a_failed_request_makes_the_pool_look_the_name_up_again_long_before_the_
             assert [s.url for s in pool.servers] == ["127.0.0.3:8001"] and server.retired
 
 
+def test_ties_are_broken_in_turn_so_every_ready_replica_gets_an_equal_share():
+    """Two cameras send at the same moment: the first request sees three idle replicas, the second two. A turn counter
+    shared by ties of different sizes gave the three 1/6, 2/6 and 3/6 of the frames (seen in the scale run)."""
+    with ServerPool(["127.0.0.2:8001", "127.0.0.3:8001", "127.0.0.4:8001"], "mrkd", probe_interval=0) as pool:
+        for server in pool.servers:
+            server.ready = True
+        for _ in range(300):
+            first, second = pool.acquire(), pool.acquire()
+            pool.release(first)
+            pool.release(second)
+        assert [s.requests for s in pool.servers] == [200, 200, 200]
+
+
 # ------------------------------------------------------------------------------------------------ real replicas
 
 REPLICAS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -208,7 +221,6 @@ def test_replicas_scale_from_2_to_3_and_back_to_1_through_dns_mid_run_and_every_
     assert sum(read.values()) >= 2 * 6 * 35  # two 6 fps cameras for most of 45 s
     assert set(before) == {a, b} and min(before.values()) > 0.3
     assert first_c - added_at < 6.0  # resolve interval 1 s + the probe (health check and one real inference)
-    # least requests in flight first: a slower replica on this busy machine gets less, but each gets a real share
-    assert set(during) == {a, b, c} and during[c] >= 0.2 and min(during.values()) > 0.1
+    assert set(during) == {a, b, c} and min(during.values()) > 0.2
     assert after == {a: 1.0}
     assert f"{url}: added {c}" in messages and f"{url}: dropped {b}" in messages
