@@ -210,11 +210,14 @@ def test_replicas_scale_from_2_to_3_and_back_to_1_through_dns_mid_run_and_every_
     first_c = min((_seconds(r) for r in records if r.get("server") == c), default=float("inf"))
     before, during, after = (_shares(records, start, added_at), _shares(records, added_at + 5, dropped_at),
                              _shares(records, dropped_at + 3, end))
+    retried = [(r["camera"], r["frame"], r["server"], r["attempts"]) for r in records if r.get("attempts", 1) > 1]
     print(f"\nframes read {sum(read.values())} ({read}), lines {len(records)}, statuses {statuses}, lost {lost}")
+    print(f"answered after a failed send (camera, frame, server, attempts): {retried}")
     print(f"shares: 2 replicas {before}; 3 replicas (from 5 s after the change) {during}; "
           f"1 replica (from 3 s after) {after}")
     print(f"new replica {c}: first frame answered {first_c - added_at:.1f} s after it appeared in DNS")
-    print("client log:", *[m for m in messages if "added" in m or "dropped" in m or "ready" in m], sep="\n  ")
+    print("client log:", *[m for m in messages if "added" in m or "dropped" in m or "ready" in m
+                            or m.lstrip().startswith(("camera", "cam1", "cam2"))], sep="\n  ")
     assert code == 0, messages
     assert lost == 0 and all(sorted(i) == list(range(len(i))) for i in frames.values())  # one line per frame read
     assert statuses == {"ok": len(records)}, [r for r in records if r["status"] != "ok"]
