@@ -13,7 +13,7 @@ from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .report import JsonlWriter, Progress, print_summary
 from .runner import MultiCameraRunner, RunOptions
-from .servers import NoServerReady, ServerPool, normalize_url
+from .servers import NoServerReady, ServerPool, canonical_url
 from .sources import SourceError, SourceOptions, open_source, parse_camera
 
 EXIT_OK = 0  # every frame read was answered (or dropped by the drop policy) and no camera gave up
@@ -45,6 +45,11 @@ examples:
   # same host as the server: raw frames through Triton system shared memory (no JPEG encode/decode)
   python -m client --url 127.0.0.1:8001 --transport shm --camera cam1=images/line1 --out results.jsonl
 
+  # Triton replicas behind a Kubernetes headless Service: every address the name resolves to is a server; the
+  # name is looked up again every 5 s and after a failure, so replicas that come and go join and leave the pool
+  python -m client --url dns:///triton-grpc.inspection.svc.cluster.local:8001 --loop --fps 10 \\
+      --camera cam1=rtsp://10.0.0.20/stream1 --out results.jsonl
+
   # IP cameras that may drop out: reopen a lost stream up to 10 times (backoff 0.5 s doubling to 10 s)
   python -m client --url 127.0.0.1:8001 --camera gate=rtsp://10.0.0.21/stream1 --reconnect 10 --out gate.jsonl
 
@@ -65,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", action="append", required=True, metavar="HOST:PORT",
-                        help="Triton gRPC endpoint; repeat to spread requests over several servers")
+    parser.add_argument("--url", action="append", required=True, metavar="HOST:PORT|dns:///NAME:PORT",
+                        help="Triton gRPC endpoint; repeat to spread requests over several servers. dns:///NAME:PORT "
+                             "(or dns://DNSHOST[:DNSPORT]/NAME:PORT to ask that DNS server): every address behind "
+                             "NAME is a server, found again as replicas come and go (docs/kubernetes.md)")
     parser.add_argument("--model", default="mrkd", help="ensemble name (default: %(default)s)")
     parser.add_argument("--camera", action="append", required=True, metavar="NAME=SOURCE",
                         help="a camera: NAME (letters, digits, _ . -) and its SOURCE; repeat for more cameras")
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "ready) before it is recorded as an error (default: %(default)s)")
     flow.add_argument("--probe-interval", type=float, default=1.0,
                       help="seconds between health checks of every server (default: %(default)s)")
+    flow.add_argument("--resolve-interval", type=float, default=5.0,
+                      help="seconds between DNS lookups of dns: URLs (sooner after a failure; default: %(default)s)")
     flow.add_argument("--wait-ready", type=float, default=30.0,
                       help="seconds to wait at start for a ready server (default: %(default)s)")
     flow.add_argument("--shutdown-timeout", type=float, default=10.0,
@@ -128,7 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.url = [normalize_url(u) for u in args.url]
+        args.url = [canonical_url(u) for u in args.url]
         args.camera = [parse_camera(c) for c in args.camera]
         RunOptions(args.max_in_flight, args.queue_size, args.drop_policy, None, args.shutdown_timeout,
                    args.max_frames, args.duration)
@@ -151,7 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     elif args.keep_open:
         parser.error("--keep-open needs --dashboard")
-    for name in ("timeout", "probe_interval", "progress_interval"):
+    for name in ("timeout", "probe_interval", "progress_interval", "resolve_interval"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.retry_timeout < 0:
@@ -178,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     raw_model = args.raw_model or f"{args.model}_raw"
     pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval,
-                      probe_request_timeout=args.timeout)
+                      probe_request_timeout=args.timeout, resolve_interval=args.resolve_interval,
+                      on_change=lambda message: print(message, file=sys.stderr, flush=True))
     # The client gives the pool its health probe (a real inference) before the first probe runs.
     client = InspectionClient(
         pool, args.model, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
