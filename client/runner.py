@@ -28,6 +28,7 @@ answered (a score that is not a number gets status "invalid_score", verdict "ano
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -385,13 +386,18 @@ class MultiCameraRunner:
         spool = self.options.spool
         assert spool is not None
         no_server_since: float | None = None
+        done_at: float | None = None
         while not self.abort_event.is_set():
             done = self._cameras_done.is_set()
+            if done and done_at is None:
+                done_at = time.monotonic()
             if done and (self.stop_event.is_set() or len(spool) == 0):
                 break
             if not self.client.pool.has_ready():
                 no_server_since = no_server_since or time.monotonic()
-                if done and time.monotonic() - no_server_since >= self.options.retry_timeout:
+                # the last wait: retry_timeout seconds without a ready server, counted from the cameras' end
+                waited = time.monotonic() - max(no_server_since, done_at or math.inf)
+                if waited >= self.options.retry_timeout:
                     break
                 self.client.pool.wait_for_ready(_POLL_S)
                 continue

@@ -359,14 +359,14 @@ def test_frames_past_the_retry_timeout_are_spooled_and_inspected_late_by_the_nex
     spool = Spool(spool_dir, 10**9)
     dashboard = Dashboard("127.0.0.1", 0, [("cam", open_source("synthetic:size=64,count=2"))], spool=spool)
     base = dashboard.start()
-    depth = scrape(base)["mrkd_spool_frames"][0].value
+    depth = scrape(base)["mrkd_spool_frames"][0][1]
     client = InspectionClient([served_model.grpc_url], served_model.model_name, wait_ready=120)
     writer = JsonlWriter(tmp_path / "run2.jsonl")
     try:
         MultiCameraRunner([("cam", open_source("synthetic:size=64,count=2"))], client, writer,
                           RunOptions(spool=spool), observer=dashboard.state).run()
-        dashboard._tick()
-        depth_after = scrape(base)["mrkd_spool_frames"][0].value
+        dashboard.finish()  # publishes a last snapshot (and the metrics) at once
+        depth_after = scrape(base)["mrkd_spool_frames"][0][1]
     finally:
         writer.close()
         client.close()
