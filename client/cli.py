@@ -12,7 +12,7 @@ from mrkd.core.files import user_path
 from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .report import JsonlWriter, Progress, print_summary
-from .runner import MultiCameraRunner, RunOptions
+from .runner import DEFAULT_SPOOL_WAIT, MultiCameraRunner, RunOptions
 from .servers import NoServerReady, ServerPool, normalize_url
 from .sources import SourceError, SourceOptions, open_source, parse_camera
 from .spool import DEFAULT_SPOOL_MB, Spool
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     flow.add_argument("--spool-size", type=float, default=DEFAULT_SPOOL_MB, metavar="MB",
                       help="the spool's bound: beyond it the oldest frames are evicted, each recorded as dropped "
                            "(default: %(default)g)")
+    flow.add_argument("--spool-wait", type=float, default=DEFAULT_SPOOL_WAIT, metavar="S",
+                      help="when the sources ended: how long to wait for a ready server to inspect what is in the "
+                           "spool before leaving it for the next run (default: %(default)g)")
     flow.add_argument("--no-spool", action="store_true", help="no spool: a frame that waited is an error")
     flow.add_argument("--probe-interval", type=float, default=1.0,
                       help="seconds between health checks of every server (default: %(default)s)")
@@ -178,6 +181,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retry-timeout must not be negative, got {args.retry_timeout}")
     if args.reconnect < 0:
         parser.error(f"--reconnect must not be negative, got {args.reconnect}")
+    if args.spool_wait < 0:
+        parser.error(f"--spool-wait must not be negative, got {args.spool_wait}")
     if args.spool_size <= 0:
         parser.error(f"--spool-size must be positive, got {args.spool_size}")
     if args.no_spool and args.spool is not None:
@@ -263,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_options = RunOptions(
         max_in_flight=args.max_in_flight, queue_size=args.queue_size, drop_policy=args.drop_policy,
         heatmap_dir=args.save_heatmaps, shutdown_timeout=args.shutdown_timeout, max_frames=args.max_frames,
-        duration=args.duration, retry_timeout=args.retry_timeout, spool=spool,
+        duration=args.duration, retry_timeout=args.retry_timeout, spool=spool, spool_wait=args.spool_wait,
     )
     try:
         writer = JsonlWriter(args.out, overwrite=args.overwrite)

@@ -17,7 +17,7 @@ came back, a "gave_up" line (with the reason) when a camera's source failed for 
 With a spool (`RunOptions.spool`, client/spool.py), such a frame is not an error: it goes to the spool (as does a
 sent frame that no server could answer), and a spool thread inspects spooled frames, oldest first, whenever a
 server is ready, each recorded with status "late" (its capture time and its inspection time). When the sources end
-the run waits for the spool to empty (up to `retry_timeout` seconds without a ready server); frames of this run
+the run waits for the spool to empty (up to `spool_wait` seconds without a ready server); frames of this run
 still in the spool then (or when stopped) get a "spooled" line: the next run given the same spool inspects them.
 A frame evicted from a full spool is recorded as dropped.
 
@@ -59,6 +59,7 @@ from .spool import Spool, SpooledFrame
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 SPOOL_IN_FLIGHT = 2  # spooled frames sent at a time (the live cameras keep the rest of the servers' capacity)
 SPOOL_MAX_TRIES = 5  # a spooled frame that failed on the servers this often is recorded as an error
+DEFAULT_SPOOL_WAIT = 600.0  # seconds the end of a run waits for a server to inspect what is in the spool
 
 
 @dataclass
@@ -72,6 +73,7 @@ class RunOptions:
     duration: float | None = None  # seconds, then stop as on Ctrl-C
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT  # seconds a frame may wait for a ready server
     spool: Spool | None = None  # frames that waited longer go there instead of becoming errors
+    spool_wait: float = DEFAULT_SPOOL_WAIT  # at the end: seconds without a ready server before the spool is left
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -84,6 +86,8 @@ class RunOptions:
             raise ValueError(f"--duration must be positive, got {self.duration}")
         if self.retry_timeout < 0:
             raise ValueError(f"--retry-timeout must not be negative, got {self.retry_timeout}")
+        if self.spool_wait < 0:
+            raise ValueError(f"--spool-wait must not be negative, got {self.spool_wait}")
 
 
 class _Camera:
@@ -382,7 +386,7 @@ class MultiCameraRunner:
 
     def _drain_spool(self) -> None:
         """Inspects spooled frames, oldest first, whenever a server is ready. Ends when stopped, or once the
-        cameras are done and the spool is empty (or no server was ready for retry_timeout seconds)."""
+        cameras are done and the spool is empty (or no server was ready for spool_wait seconds since)."""
         spool = self.options.spool
         assert spool is not None
         no_server_since: float | None = None
@@ -395,9 +399,9 @@ class MultiCameraRunner:
                 break
             if not self.client.pool.has_ready():
                 no_server_since = no_server_since or time.monotonic()
-                # the last wait: retry_timeout seconds without a ready server, counted from the cameras' end
+                # the last wait: spool_wait seconds without a ready server, counted from the cameras' end
                 waited = time.monotonic() - max(no_server_since, done_at or math.inf)
-                if waited >= self.options.retry_timeout:
+                if waited >= self.options.spool_wait:
                     break
                 self.client.pool.wait_for_ready(_POLL_S)
                 continue

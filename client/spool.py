@@ -154,9 +154,17 @@ class Spool:
         return [self._load(e, image=False) for e in entries]
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        """Releases the folder; an empty spool leaves nothing behind (its folder is removed)."""
+        if self._lock_fd < 0:
+            return
+        if len(self) == 0 and not any(p.name != ".lock" for p in self.folder.iterdir()):
+            (self.folder / ".lock").unlink(missing_ok=True)
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass  # something else appeared in it: left as it is
+        os.close(self._lock_fd)
+        self._lock_fd = -1
 
     # -- files ---------------------------------------------------------------------------------------------------
     def _load(self, entry: SpooledFrame, image: bool) -> SpooledFrame:
