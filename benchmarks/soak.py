@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
     for name in ("a", "b"):
         repo = work / f"repo_{name}"
         export_product(checkpoint, repo, encoded_only=True)
-        servers.append(Serve(repo, (free_port(), free_port(), free_port()), work / f"server_{name}.log").start())
+        servers.append(Serve(repo, (free_port(), free_port(), free_port()), work / f"server_{name}.log"))
+    with ThreadPoolExecutor(2) as pool:  # both start at once (a start takes minutes on a busy machine)
+        list(pool.map(Serve.start, servers))
     print(f"[soak] servers ready: {', '.join(f'{s.url} ({s.ready_s:.0f} s)' for s in servers)}", flush=True)
     out = work / "soak.jsonl"
     cameras = [f"cam{i}=synthetic:size={args.size},seed={i}" for i in range(args.cameras)]
@@ -81,11 +84,12 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
                               "--queue-size", "100", "--probe-interval", "1"])
     for camera in cameras[1:]:
         command += ["--camera", camera]
-    client = Client(command)
+    client = None
     outages: list[tuple[float, float]] = []  # epoch seconds: a kill .. the restarted server ready
     kills = []
     rss_first = None
     try:
+        client = Client(command)
         client.wait_started()
         started = time.monotonic()
         end = started + args.minutes * 60
@@ -117,7 +121,8 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         rss_end = rss_mb(client.process.pid) if client.process.poll() is None else None
         code, stderr = client.wait(timeout=args.minutes * 60 + 600)
     finally:
-        client.kill()
+        if client is not None:
+            client.kill()
         for server in servers:
             server.stop()
     result = {"minutes": args.minutes, "cameras": args.cameras, "fps": args.fps, "client_exit": code,
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--keep", type=Path, help="keep the repositories, logs and results file in this folder")
     args = p.parse_args(argv)
+    # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C: the servers and the client are stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
     with tempfile.TemporaryDirectory(prefix="mrkd-soak-") as tmp:
         work = Path(tmp)
         if args.keep:
