@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -41,11 +43,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def phase_of(when: float, outages: list[tuple[float, float]]) -> str:
+def phase_of(when: float, outages: list[list[float]]) -> str:
     return "one down" if any(start <= when < end for start, end in outages) else "both up"
 
 
-def summarize(out: Path, read: int, outages: list[tuple[float, float]]) -> dict:
+def summarize(out: Path, read: int, outages: list[list[float]]) -> dict:
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     frames = [r for r in records if "frame" in r]
     statuses = {s: sum(r["status"] == s for r in frames) for s in ("ok", "invalid_score", "late", "dropped", "error",
@@ -85,41 +87,52 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
     for camera in cameras[1:]:
         command += ["--camera", camera]
     client = None
-    outages: list[tuple[float, float]] = []  # epoch seconds: a kill .. the restarted server ready
+    outages: list[list[float]] = []  # epoch seconds: a kill .. the restarted server ready (inf: not yet)
     kills = []
-    rss_first = None
+    rss_first = rss_end = None
     try:
         client = Client(command)
         client.wait_started()
         started = time.monotonic()
         end = started + args.minutes * 60
         next_kill = started + rng.uniform(0.5, 1.0) * args.kill_every
-        while client.process.poll() is None and time.monotonic() < end - args.down - 5:
+        outage: threading.Thread | None = None
+
+        def kill_and_restart(server: Serve) -> None:
+            killed_wall, killed = time.time(), time.monotonic()
+            outages.append([killed_wall, math.inf])
+            os.kill(server.tritonserver_pid(), signal.SIGKILL)
+            server.process.wait(timeout=60)
+            time.sleep(max(0.0, args.down - (time.monotonic() - killed)))
+            server.start()
+            outages[-1][1] = time.time()
+            kills.append({"server": server.url, "at_s": round(killed - started, 1),
+                          "back_after_s": round(time.monotonic() - killed, 1)})
+            print(f"[soak] {server.url} SIGKILLed at {killed - started:.0f} s, back after "
+                  f"{time.monotonic() - killed:.0f} s", flush=True)
+
+        # The kills run in a thread (a restart takes minutes on a busy machine); this loop keeps measuring.
+        while client.process.poll() is None and time.monotonic() < end - 1:
             now = time.monotonic()
+            try:
+                rss_end = rss_mb(client.process.pid)  # the last reading while it runs: "at the end"
+            except (OSError, RuntimeError):  # it just exited
+                break
             if rss_first is None and now - started >= args.rss_at:
-                rss_first = rss_mb(client.process.pid)
+                rss_first = rss_end
                 print(f"[soak] client RSS {rss_first:.1f} MB at {now - started:.0f} s", flush=True)
-            if now >= next_kill:
-                victim = rng.randrange(len(servers))
-                server = servers[victim]
-                killed_wall, killed = time.time(), time.monotonic()
-                os.kill(server.tritonserver_pid(), signal.SIGKILL)
-                server.process.wait(timeout=60)
-                time.sleep(max(0.0, args.down - (time.monotonic() - killed)))
-                server.start()
-                outages.append((killed_wall, time.time()))
-                kills.append({"server": server.url, "at_s": round(killed - started, 1),
-                              "back_after_s": round(time.monotonic() - killed, 1)})
-                print(f"[soak] {server.url} SIGKILLed at {killed - started:.0f} s, back after "
-                      f"{time.monotonic() - killed:.0f} s", flush=True)
-                next_kill = time.monotonic() + rng.uniform(0.5, 1.5) * args.kill_every
+            restarting = outage is not None and outage.is_alive()
+            if not restarting and now >= next_kill and now < end - args.down - 5:
+                outage = threading.Thread(target=kill_and_restart, args=(servers[rng.randrange(len(servers))],),
+                                          daemon=True)
+                outage.start()
+                next_kill = math.inf
+            elif not restarting and next_kill == math.inf:
+                next_kill = now + rng.uniform(0.5, 1.5) * args.kill_every
             time.sleep(0.5)
-        while client.process.poll() is None and time.monotonic() < end - 2:
-            if rss_first is None and time.monotonic() - started >= args.rss_at:
-                rss_first = rss_mb(client.process.pid)
-            time.sleep(0.5)
-        rss_end = rss_mb(client.process.pid) if client.process.poll() is None else None
         code, stderr = client.wait(timeout=args.minutes * 60 + 600)
+        if outage is not None:
+            outage.join()  # a restart still under way ends before the servers are stopped
     finally:
         if client is not None:
             client.kill()

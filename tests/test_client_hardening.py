@@ -9,10 +9,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +27,7 @@ from helpers import REPO_ROOT
 from mrkd.core.preprocess import load_image
 from mrkd.triton.launcher import free_port
 from test_client import MjpegStreamServer, elpv_images
-from test_dashboard import get, scrape, synthetic_cameras, wait_until
+from test_dashboard import get, scrape, synthetic_cameras
 
 SECRET = "S3cretPw"
 
