@@ -380,3 +380,31 @@ def test_frames_past_the_retry_timeout_are_spooled_and_inspected_late_by_the_nex
         assert r["inspected_time"] > r["capture_time"] and r["verdict"] in ("normal", "anomalous")
         assert isinstance(r["score"], float)
     assert not spool_dir.exists()  # emptied, and an empty spool leaves nothing behind
+
+
+def test_a_full_spool_evicts_the_oldest_each_a_dropped_line_and_every_frame_keeps_one_line(tmp_path):
+    """No server: 6 frames go to a spool with room for about two; the four oldest are evicted (a "dropped" line
+    each, counted), the two newest are left for the next run ("spooled" lines): one line per frame read."""
+    probe = Spool(tmp_path / "probe", 10**9)
+    probe.put(next(iter(open_source("synthetic:size=64,count=1").read("x"))).image, "x", 0, "x", 0.0, "")
+    one = max(p.stat().st_size for p in (tmp_path / "probe").glob("*.npz"))
+    probe.close()
+    pool = ServerPool([f"127.0.0.1:{free_port()}"], "mrkd", probe_interval=0.2, probe_timeout=0.2)
+    client = InspectionClient(pool, "mrkd", retry_timeout=0.3)
+    spool = Spool(tmp_path / "spool", max_bytes=int(2.5 * one))
+    writer = JsonlWriter(tmp_path / "results.jsonl")
+    options = RunOptions(queue_size=10, retry_timeout=0.3, spool=spool, spool_wait=0.3)
+    try:
+        summary = MultiCameraRunner([("cam", open_source("synthetic:size=64,count=6", SourceOptions(fps=10)))],
+                                    client, writer, options).run()[0]
+    finally:
+        writer.close()
+        client.close()
+        pool.close()
+        spool.close()
+    records = read_jsonl(tmp_path / "results.jsonl")
+    assert sorted(r["frame"] for r in records) == list(range(6))
+    by_status = {s: sorted(r["frame"] for r in records if r["status"] == s) for s in ("dropped", "spooled")}
+    assert by_status == {"dropped": [0, 1, 2, 3], "spooled": [4, 5]}, records
+    assert all("evicted from the full spool" in r["drop_reason"] for r in records if r["status"] == "dropped")
+    assert spool.evicted == 4 and (summary["dropped"], summary["spooled"], summary["errors"]) == (4, 2, 0)
