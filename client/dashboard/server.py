@@ -130,7 +130,8 @@ class Dashboard:
                                 ws="none", timeout_graceful_shutdown=2, http=guarded_protocol(
                                     opts.max_connections, opts.request_timeout_s),
                                 limit_concurrency=opts.max_connections + 1,  # 503 beyond (the guard closes first)
-                                timeout_keep_alive=opts.keep_alive_s, backlog=opts.max_connections,
+                                timeout_keep_alive=opts.keep_alive_s,
+                                backlog=opts.listen_backlog,  # also bounds a burst of accepts (asyncio)
                                 h11_max_incomplete_event_size=16 * 1024)
         self._server = uvicorn.Server(config)
         self._loop_cpu = 0.0  # the web server thread is new: its CPU time starts at 0

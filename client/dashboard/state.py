@@ -40,12 +40,13 @@ class DashboardOptions:
     request_timeout_s: float = 10.0  # a connection must deliver a whole request this soon (after connecting or
     # after its last answer), else it is closed
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this long (uvicorn)
+    listen_backlog: int = 32  # connections waiting to be accepted; open descriptors peak near max_connections + this
 
     def __post_init__(self) -> None:
         if self.push_interval_s <= 0:
             raise ValueError(f"push interval must be positive, got {self.push_interval_s}")
         for name in ("anomaly_thumbnails", "thumbnail_width", "anomaly_thumbnail_width", "chart_seconds",
-                     "latency_window", "max_connections", "max_event_streams"):
+                     "latency_window", "max_connections", "max_event_streams", "listen_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 100:
