@@ -162,6 +162,7 @@ EMFILE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_130_silent_connections_with_128_descriptors_never_stop_a_folder_camera(tmp_path):
     """The issue's reproduction: a client process limited to 128 open files, a folder camera reading, 130 silent
     connections to its dashboard from another process."""
