@@ -64,8 +64,9 @@ the spool and inspected once a server was back: capture_time and inspected_time)
 when the run ended: the next run with that --spool inspects it), "dropped" (drop_reason) or "error" (error). A lost
 stream adds a "gap" line when it is back, and a "gave_up" line when the camera gives up. --out and earlier heat
 maps are never replaced unless --overwrite; two clients cannot share an --out or a --spool. Stream credentials
-(user:password@, password=, token=) are never written or shown. Exit status: 0 done, 1 could not start, 2 bad arguments, 3 done but errors or invalid scores
-were recorded or a camera gave up, 130 Ctrl-C.
+(user:password@, password=, token=) are never written or shown. Exit status: 0 done, 1 could not start, 2 bad
+arguments, 3 done but errors or invalid scores were recorded, frames were left in the spool or a camera gave up,
+130 Ctrl-C.
 """
 
 
