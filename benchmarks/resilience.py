@@ -3,6 +3,7 @@
 client's exit status.
 
   python benchmarks/resilience.py restart          # the only server SIGKILLed 6 s in, restarted on the same ports 40 s later
+  python benchmarks/resilience.py restart --outage 90   # down 90 s: longer than --retry-timeout, so the spool works
   python benchmarks/resilience.py failing-server   # two servers, one starts failing every inference mid-run
   python benchmarks/resilience.py orphans          # processes left after `python -m mrkd.serve` is SIGKILLed
   python benchmarks/resilience.py all [--checkpoint runs/elpv-mono/checkpoint.pt]
@@ -16,8 +17,10 @@ suite's fault injection (tests/conftest.py FAULTY_DETECTOR): after B has answere
 B raises (INTERNAL) for --fail-for seconds, then B heals. orphans: a full product served, the launcher SIGKILLed,
 its tritonserver and python-backend stubs counted --grace seconds later.
 
-"answered" counts lines with a result (status ok or invalid_score), "errors" error lines, "lost" frames read without
-any line plus frames dropped; the run passes when answered == frames read and errors == lost == 0.
+"answered" counts lines with a result (status ok or invalid_score), "late" frames inspected from the spool after
+waiting longer than --retry-timeout, "errors" error lines, "spooled" frames still in the spool at the end, "lost"
+frames read without any line plus frames dropped; the run passes when answered + late == frames read and
+errors == lost == 0.
 Without --checkpoint a tiny model is trained first (ELPV cells, 64 px, ~20 s), as the test suite does.
 """
 from __future__ import annotations
@@ -97,7 +100,10 @@ def counts(out: Path, read: int) -> dict[str, int]:
     answered = sum(r["status"] in ("ok", "invalid_score") for r in frames)
     errors = sum(r["status"] == "error" for r in frames)
     dropped = sum(r["status"] == "dropped" for r in frames)
-    return {"read": read, "answered": answered, "errors": errors, "lost": read - len(frames) + dropped}
+    late = sum(r["status"] == "late" for r in frames)
+    spooled = sum(r["status"] == "spooled" for r in frames)
+    return {"read": read, "answered": answered, "late": late, "errors": errors, "spooled": spooled,
+            "lost": read - len(frames) + dropped}
 
 
 def show(stderr: str) -> None:
@@ -272,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=40)
     p.add_argument("--fps", type=float, default=1.0, help="restart: the camera's frame rate")
     p.add_argument("--kill-after", type=float, default=6.0)
-    p.add_argument("--restart-after", type=float, default=40.0)
+    p.add_argument("--restart-after", "--outage", type=float, default=40.0,
+                   help="restart: seconds from the kill to the restart (the outage, plus the server's start-up)")
     p.add_argument("--failing-fps", type=float, default=2.0, help="failing-server: the camera's frame rate")
     p.add_argument("--fail-for", type=float, default=10.0)
     p.add_argument("--grace", type=float, default=15.0, help="orphans: seconds allowed for the server to stop")

@@ -12,9 +12,10 @@ from mrkd.core.files import user_path
 from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .report import JsonlWriter, Progress, print_summary
-from .runner import MultiCameraRunner, RunOptions
+from .runner import DEFAULT_SPOOL_WAIT, MultiCameraRunner, RunOptions
 from .servers import NoServerReady, ServerPool, canonical_url
 from .sources import SourceError, SourceOptions, open_source, parse_camera
+from .spool import DEFAULT_SPOOL_MB, Spool
 
 EXIT_OK = 0  # every frame read was answered (or dropped by the drop policy) and no camera gave up
 EXIT_FAILED = 1  # could not start: no server ready, a source that cannot be opened, an output that cannot be written
@@ -53,13 +54,24 @@ examples:
   # IP cameras that may drop out: reopen a lost stream up to 10 times (backoff 0.5 s doubling to 10 s)
   python -m client --url 127.0.0.1:8001 --camera gate=rtsp://10.0.0.21/stream1 --reconnect 10 --out gate.jsonl
 
+  # a page other machines can open: credentials from the environment (docs/dashboard.md)
+  MRKD_DASHBOARD_USER=line3 MRKD_DASHBOARD_PASSWORD=... python -m client --url 127.0.0.1:8001 \
+      --camera cam1=images/line1 --loop --fps 10 --out results.jsonl --dashboard 0.0.0.0:8080
+
+  # frames left in the spool by a run that ended during an outage: inspected first (status "late")
+  python -m client --url 127.0.0.1:8001 --camera cam1=images/line1 --out results2.jsonl --spool results.jsonl.spool
+
 SOURCE is a folder of images, a video file, an rtsp:// or http(s):// stream (OpenCV), or
 synthetic:[texture=brick|grass|gravel][,size=PIXELS][,count=N][,defect_every=K][,seed=S].
 Every frame read gets exactly one line in --out: status "ok" (score, verdict, server, latency), "invalid_score"
-(the server's score was not a number: verdict "anomalous"), "dropped" (drop_reason) or "error" (error). A lost
-stream adds a "gap" line when it is back, and a "gave_up" line when the camera gives up. --out is never replaced
-unless --overwrite. Exit status: 0 done, 1 could not start, 2 bad arguments, 3 done but errors or invalid scores
-were recorded or a camera gave up, 130 Ctrl-C.
+(the server's score was not a number: verdict "anomalous"), "late" (waited longer than --retry-timeout, kept in
+the spool and inspected once a server was back: capture_time and inspected_time), "spooled" (still in the spool
+when the run ended: the next run with that --spool inspects it), "dropped" (drop_reason) or "error" (error). A lost
+stream adds a "gap" line when it is back, and a "gave_up" line when the camera gives up. --out and earlier heat
+maps are never replaced unless --overwrite; two clients cannot share an --out or a --spool. Stream credentials
+(user:password@, password=, token=) are never written or shown. Exit status: 0 done, 1 could not start, 2 bad
+arguments, 3 done but errors or invalid scores were recorded, frames were left in the spool or a camera gave up,
+130 Ctrl-C.
 """
 
 
@@ -108,7 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     flow.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     flow.add_argument("--retry-timeout", type=float, default=DEFAULT_RETRY_TIMEOUT,
                       help="seconds a frame waits for a ready server (after a server failed it, or while none is "
-                           "ready) before it is recorded as an error (default: %(default)s)")
+                           "ready) before it goes to the spool (--no-spool: is recorded as an error) "
+                           "(default: %(default)s)")
+    flow.add_argument("--spool", type=user_path, default=None, metavar="DIR",
+                      help="where frames that waited --retry-timeout wait for a server, on disk (inspected later, "
+                           "status late; what a run leaves there is inspected by the next run given DIR) "
+                           "(default: --out with .spool appended)")
+    flow.add_argument("--spool-size", type=float, default=DEFAULT_SPOOL_MB, metavar="MB",
+                      help="the spool's bound: beyond it the oldest frames are evicted, each recorded as dropped "
+                           "(default: %(default)g)")
+    flow.add_argument("--spool-wait", type=float, default=DEFAULT_SPOOL_WAIT, metavar="S",
+                      help="when the sources ended: how long to wait for a ready server to inspect what is in the "
+                           "spool before leaving it for the next run (default: %(default)g)")
+    flow.add_argument("--no-spool", action="store_true", help="no spool: a frame that waited is an error")
     flow.add_argument("--probe-interval", type=float, default=1.0,
                       help="seconds between health checks of every server (default: %(default)s)")
     flow.add_argument("--resolve-interval", type=float, default=5.0,
@@ -167,6 +191,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retry-timeout must not be negative, got {args.retry_timeout}")
     if args.reconnect < 0:
         parser.error(f"--reconnect must not be negative, got {args.reconnect}")
+    if args.spool_wait < 0:
+        parser.error(f"--spool-wait must not be negative, got {args.spool_wait}")
+    if args.spool_size <= 0:
+        parser.error(f"--spool-size must be positive, got {args.spool_size}")
+    if args.no_spool and args.spool is not None:
+        parser.error("--spool and --no-spool contradict each other")
+    if not args.no_spool and args.spool is None:
+        args.spool = args.out.with_name(args.out.name + ".spool")
     return args
 
 
@@ -176,6 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose another --out",
               file=sys.stderr)
         return EXIT_FAILED
+    if args.save_heatmaps is not None:
+        from .report import earlier_heatmaps
+
+        earlier = earlier_heatmaps(args.save_heatmaps, [name for name, _ in args.camera])
+        if earlier and not args.overwrite:
+            print(f"error: {args.save_heatmaps} already holds {len(earlier)} heat maps of these cameras from an "
+                  f"earlier run (e.g. {earlier[0]}); pass --overwrite to replace them, or choose another "
+                  "--save-heatmaps", file=sys.stderr)
+            return EXIT_FAILED
+        for path in earlier:  # --overwrite: the folder holds this run's heat maps only
+            path.unlink()
     options = SourceOptions(loop=args.loop, fps=args.fps, reconnect=args.reconnect)
     try:
         cameras = [(name, open_source(spec, options)) for name, spec in args.camera]
@@ -184,6 +227,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     for name, source in cameras:
         print(f"camera {name}: {source.description}{' (live)' if source.live else ''}", file=sys.stderr)
+    spool = None
+    if args.spool is not None:
+        try:
+            spool = Spool(args.spool, int(args.spool_size * 1024 * 1024))
+        except (OSError, ValueError) as exc:
+            print(f"error: spool {args.spool}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        if spool.resumed:
+            print(f"spool {args.spool}: {spool.resumed} frames left by an earlier run, inspected first (status late)",
+                  file=sys.stderr)
 
     raw_model = args.raw_model or f"{args.model}_raw"
     pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval,
@@ -200,11 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dashboard import Dashboard, DashboardError
 
         try:
-            dashboard = Dashboard(*args.dashboard, cameras, pool)
+            dashboard = Dashboard(*args.dashboard, cameras, pool, spool=spool)
             print(f"dashboard: {dashboard.start()}  metrics: {dashboard.url}metrics", file=sys.stderr, flush=True)
         except DashboardError as exc:
             client.close()
             pool.close()
+            if spool is not None:
+                spool.close()
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILED
     try:
@@ -212,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoServerReady as exc:
         client.close()
         pool.close()
+        if spool is not None:
+            spool.close()
         if dashboard is not None:
             dashboard.stop()
         print(f"error: {exc}", file=sys.stderr)
@@ -222,13 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_options = RunOptions(
         max_in_flight=args.max_in_flight, queue_size=args.queue_size, drop_policy=args.drop_policy,
         heatmap_dir=args.save_heatmaps, shutdown_timeout=args.shutdown_timeout, max_frames=args.max_frames,
-        duration=args.duration, retry_timeout=args.retry_timeout,
+        duration=args.duration, retry_timeout=args.retry_timeout, spool=spool, spool_wait=args.spool_wait,
     )
     try:
         writer = JsonlWriter(args.out, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         client.close()
         pool.close()
+        if spool is not None:
+            spool.close()
         if dashboard is not None:
             dashboard.stop()
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
@@ -259,13 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         writer.close()
         client.close()
         pool.close()
+        if spool is not None:
+            spool.close()
         if dashboard is not None:
             dashboard.finish()
     print_summary(summaries)
     print(f"{writer.lines} lines written to {args.out}", file=sys.stderr)
-    troubled = [s for s in summaries if s["errors"] or s["invalid"] or s["failure"]]
+    troubled = [s for s in summaries if s["errors"] or s["invalid"] or s["failure"] or s["spooled"]]
     for s in troubled:
         what = [f"{s['errors']} errors" if s["errors"] else "", f"{s['invalid']} invalid scores" if s["invalid"] else "",
+                f"{s['spooled']} left in the spool {args.spool}" if s["spooled"] else "",
                 f"gave up: {s['failure']}" if s["failure"] else ""]
         print(f"camera {s['camera']}: {', '.join(w for w in what if w)}", file=sys.stderr)
     if dashboard is not None:

@@ -29,13 +29,15 @@ class RunObserver:
     def frame_recorded(self, camera: str, frame: "Frame", record: dict[str, Any],
                        result: "InspectionResult | None") -> None:
         """Called once per JSONL line, right after it was written: `record` is that line, `result` the server's
-        answer for status "ok" (with the frame's anomaly map when the client asked for maps). Dispatches to
+        answer for status "ok" or "late" (with the frame's anomaly map when the client asked for maps). Dispatches to
         frame_answered, frame_dropped and frame_failed."""
         status = record.get("status")
-        if status == "ok":
+        if status in ("ok", "late"):
             self.frame_answered(camera, frame, record, result)
         elif status == "dropped":
             self.frame_dropped(camera, frame, record)
+        elif status == "spooled":
+            self.frame_spooled(camera, frame, record)
         else:
             self.frame_failed(camera, frame, record)
 
@@ -45,6 +47,9 @@ class RunObserver:
 
     def frame_dropped(self, camera: str, frame: "Frame", record: dict[str, Any]) -> None:
         """The frame was dropped (record["drop_reason"])."""
+
+    def frame_spooled(self, camera: str, frame: "Frame", record: dict[str, Any]) -> None:
+        """The run ended with the frame still in the spool: the next run with that spool inspects it."""
 
     def frame_failed(self, camera: str, frame: "Frame", record: dict[str, Any]) -> None:
         """The frame got no answer (record["error"])."""

@@ -91,11 +91,13 @@ class InspectionResult:
 class InspectionError(RuntimeError):
     """A frame that got no answer: the last server tried, the number of attempts and the reason."""
 
-    def __init__(self, message: str, server: str = "", attempts: int = 0, latency_ms: float = 0.0):
+    def __init__(self, message: str, server: str = "", attempts: int = 0, latency_ms: float = 0.0,
+                 server_fault: bool = False):
         super().__init__(message)
         self.server = server
         self.attempts = attempts
         self.latency_ms = latency_ms
+        self.server_fault = server_fault  # no server could answer (down, failing): another try later may succeed
 
 
 ResultCallback = Callable[[InspectionResult | None, InspectionError | None], None]
@@ -436,6 +438,7 @@ class InspectionClient:
             server=job.tried[-1].url if job.tried else "",
             attempts=job.attempts,
             latency_ms=(time.perf_counter() - job.started) * 1000.0,
+            server_fault=_message_retryable(job.last_error),
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -27,6 +28,8 @@ STATUS_OK = "ok"
 STATUS_INVALID_SCORE = "invalid_score"  # answered, but the score is not a number: recorded as anomalous
 STATUS_DROPPED = "dropped"
 STATUS_ERROR = "error"
+STATUS_LATE = "late"  # answered from the spool once a server was back (capture_time and inspected_time)
+STATUS_SPOOLED = "spooled"  # the run ended with the frame in the spool: the next run with that spool inspects it
 # Lines that are not frames: a source's gap (it was lost and came back) and a camera that gave up.
 EVENT_GAP = "gap"
 EVENT_GAVE_UP = "gave_up"
@@ -63,19 +66,41 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+class OutputInUse(FileExistsError):
+    """Another client (another process) is writing the same results file or spool."""
+
+
+def lock_exclusively(fd: int, path: Path, what: str) -> None:
+    """A non-blocking exclusive flock on `fd`, held until it is closed; OutputInUse when another process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputInUse(f"{path} is in use by another client ({what}); give each client its own") from None
+
+
 class JsonlWriter:
     """Thread-safe JSON-lines writer; every line is flushed when written. Refuses an existing, non-empty file
-    unless `overwrite` (a rerun must not wipe the results of the previous run)."""
+    unless `overwrite` (a rerun must not wipe the results of the previous run), and a file that another client is
+    writing (an exclusive lock is held while it is open: two clients never interleave lines in one file)."""
 
     def __init__(self, path: str | Path, overwrite: bool = False):
         self.path = Path(path)
         if self.path.is_dir():
             raise ValueError(f"--out {self.path} is a folder; give a file name such as results.jsonl")
-        if not overwrite and self.path.exists() and self.path.stat().st_size > 0:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Opened without truncating, locked, and only then checked and emptied: a second client started on the
+        # same file finds it locked and leaves it alone.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        lock_exclusively(fd, self.path, "its --out")
+        if not overwrite and os.fstat(fd).st_size > 0:
+            os.close(fd)
             raise FileExistsError(
                 f"{self.path} already exists; pass --overwrite to replace it, or choose another --out")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = self.path.open("w", encoding="utf-8")
+        os.ftruncate(fd, 0)
+        self._file: IO[str] | None = os.fdopen(fd, "w", encoding="utf-8")
         self._lock = threading.Lock()
         self.lines = 0
 
@@ -112,6 +137,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not a JSON line: {exc}") from exc
     return records
+
+
+def earlier_heatmaps(folder: str | Path, cameras: Sequence[str]) -> list[Path]:
+    """Heat maps an earlier run left in `folder` for these cameras (what save_heatmap_overlay would replace)."""
+    return sorted(p for camera in cameras for p in (Path(folder) / camera).glob(f"{camera}_*.png"))
 
 
 def save_heatmap_overlay(folder: str | Path, camera: str, index: int, image: np.ndarray, anomaly_map: np.ndarray) -> Path:
@@ -226,6 +256,8 @@ class CameraStats:
     invalid: int = 0  # answers whose score was not a number ("invalid_score", counted as anomalous too)
     dropped: int = 0
     errors: int = 0
+    late: int = 0  # answered from the spool ("late" lines)
+    spooled: int = 0  # left in the spool at the end ("spooled" lines)
     gaps: int = 0  # times its source was lost and came back
     failure: str = ""  # why the camera gave up before its source ended, if it did
     state: CameraState = CameraState.RUNNING
@@ -264,13 +296,18 @@ class CameraStats:
                 self._recent.add(time.monotonic(), latency_ms)
             elif status == STATUS_DROPPED:
                 self.dropped += 1
+            elif status == STATUS_LATE:
+                self.late += 1
+                self.anomalous += int(anomalous)
+            elif status == STATUS_SPOOLED:
+                self.spooled += 1
             else:
                 self.errors += 1
 
     @property
     def recorded(self) -> int:
         with self._lock:
-            return self.answered + self.dropped + self.errors
+            return self.answered + self.dropped + self.errors + self.late + self.spooled
 
     def snapshot(self, window_s: float = 5.0) -> dict[str, Any]:
         """Figures for the progress line: answers/s and latency percentiles over the last `window_s` seconds (at
@@ -292,6 +329,8 @@ class CameraStats:
                 "invalid": self.invalid,
                 "dropped": self.dropped,
                 "errors": self.errors,
+                "late": self.late,
+                "spooled": self.spooled,
                 "gaps": self.gaps,
                 "failure": self.failure,
             }
@@ -309,6 +348,8 @@ class CameraStats:
                 "invalid": self.invalid,
                 "dropped": self.dropped,
                 "errors": self.errors,
+                "late": self.late,
+                "spooled": self.spooled,
                 "gaps": self.gaps,
                 "failure": self.failure,
                 "seconds": elapsed,
@@ -334,7 +375,7 @@ def progress_line(snapshot: dict[str, Any]) -> str:
 
 
 SUMMARY_COLUMNS = ("camera", "read", "answered", "anomalous", "dropped", "errors", "fps", "p50_ms", "p95_ms", "p99_ms",
-                   "invalid", "gaps", "state")
+                   "invalid", "gaps", "late", "spooled", "state")
 
 
 def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -350,6 +391,8 @@ def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
                 _ms(s["p99_ms"]),
                 str(s.get("invalid", 0)),
                 str(s.get("gaps", 0)),
+                str(s.get("late", 0)),
+                str(s.get("spooled", 0)),
                 "gave up" if s.get("failure") else str(s.get("state", "")),
             ]
         )

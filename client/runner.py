@@ -14,6 +14,13 @@ A camera's live state (`CameraStats.state`, a `report.CameraState`): running, wa
 stream was lost, see sources.py), stopped. Source events are lines of their own: a "gap" line when a lost stream
 came back, a "gave_up" line (with the reason) when a camera's source failed for good.
 
+With a spool (`RunOptions.spool`, client/spool.py), such a frame is not an error: it goes to the spool (as does a
+sent frame that no server could answer), and a spool thread inspects spooled frames, oldest first, whenever a
+server is ready, each recorded with status "late" (its capture time and its inspection time). When the sources end
+the run waits for the spool to empty (up to `spool_wait` seconds without a ready server); frames of this run
+still in the spool then (or when stopped) get a "spooled" line: the next run given the same spool inspects them.
+A frame evicted from a full spool is recorded as dropped.
+
 Stopping (Ctrl-C, `duration`, `max_frames`): the readers stop reading, frames still queued are recorded as
 dropped ("stopped"), requests in flight are waited for up to `shutdown_timeout` seconds, and any still unanswered
 then are recorded as errors. So the output always holds exactly one line per frame read, whatever the servers
@@ -21,6 +28,7 @@ answered (a score that is not a number gets status "invalid_score", verdict "ano
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -37,14 +45,21 @@ from .report import (
     EVENT_GAVE_UP,
     STATUS_DROPPED,
     STATUS_ERROR,
+    STATUS_LATE,
+    STATUS_SPOOLED,
     CameraState,
     CameraStats,
     JsonlWriter,
     save_heatmap_overlay,
 )
+from .redact import redact
 from .sources import Frame, FrameSource, SourceError, SourceEvent
+from .spool import Spool, SpooledFrame
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
+SPOOL_IN_FLIGHT = 2  # spooled frames sent at a time (the live cameras keep the rest of the servers' capacity)
+SPOOL_MAX_TRIES = 5  # a spooled frame that failed on the servers this often is recorded as an error
+DEFAULT_SPOOL_WAIT = 600.0  # seconds the end of a run waits for a server to inspect what is in the spool
 
 
 @dataclass
@@ -57,6 +72,8 @@ class RunOptions:
     max_frames: int | None = None  # per camera
     duration: float | None = None  # seconds, then stop as on Ctrl-C
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT  # seconds a frame may wait for a ready server
+    spool: Spool | None = None  # frames that waited longer go there instead of becoming errors
+    spool_wait: float = DEFAULT_SPOOL_WAIT  # at the end: seconds without a ready server before the spool is left
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -69,6 +86,8 @@ class RunOptions:
             raise ValueError(f"--duration must be positive, got {self.duration}")
         if self.retry_timeout < 0:
             raise ValueError(f"--retry-timeout must not be negative, got {self.retry_timeout}")
+        if self.spool_wait < 0:
+            raise ValueError(f"--spool-wait must not be negative, got {self.spool_wait}")
 
 
 class _Camera:
@@ -109,6 +128,10 @@ class MultiCameraRunner:
         self.abort_event = threading.Event()  # stop waiting for answers in flight (a second Ctrl-C)
         self.observer = observer or RunObserver()
         self._observer_failed = False
+        self._by_name = {c.name: c for c in self.cameras}
+        self._cameras_done = threading.Event()  # every camera's reader and dispatcher ended
+        self._spool_in_flight = 0
+        self._spool_lock = threading.Condition()
 
     @property
     def stats(self) -> list[CameraStats]:
@@ -133,6 +156,10 @@ class MultiCameraRunner:
                 thread = threading.Thread(target=target, args=(camera,), name=f"{camera.name}-{role}", daemon=True)
                 camera.threads.append(thread)
                 thread.start()
+        spooler = None
+        if self.options.spool is not None:
+            spooler = threading.Thread(target=self._drain_spool, name="spool", daemon=True)
+            spooler.start()
         # The main thread only waits, in short steps, so that Ctrl-C reaches the signal handler at once.
         for camera in self.cameras:
             for thread in camera.threads:
@@ -144,6 +171,13 @@ class MultiCameraRunner:
             self._finish(camera)
         for camera in self.cameras:
             self._wait_in_flight(camera, time.monotonic() + self.options.shutdown_timeout)
+        self._cameras_done.set()
+        while spooler is not None and spooler.is_alive():
+            spooler.join(_POLL_S)
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop()
+        self._record_left_in_spool()
+        for camera in self.cameras:
             camera.stats.finished = time.monotonic()
             self._set_state(camera, CameraState.STOPPED)
             camera.source.close()
@@ -162,7 +196,7 @@ class MultiCameraRunner:
                 if self.options.max_frames is not None and frame.index + 1 >= self.options.max_frames:
                     break
         except Exception as exc:  # the source broke (stream lost for good, codec error): this camera gives up
-            camera.failure = str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+            camera.failure = redact(str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}")
             print(f"camera {camera.name}: gave up: {camera.failure}", file=sys.stderr, flush=True)
             camera.stats.gave_up(camera.failure)
             self._record_event(camera, EVENT_GAVE_UP, time.time(), error=camera.failure,
@@ -227,10 +261,12 @@ class MultiCameraRunner:
         return time.monotonic() - max(frame.read_at, since) >= self.options.retry_timeout
 
     def _expire_waiting(self, camera: _Camera) -> None:
-        """Records as errors the queued frames (oldest first) that waited `retry_timeout` s for a ready server."""
+        """Spools (or without a spool, records as errors) the queued frames, oldest first, that waited
+        `retry_timeout` s for a ready server."""
         while (frame := camera.queue.get_if(lambda f: self._waited_too_long(camera, f))) is not None:
-            self._record(camera, frame, STATUS_ERROR, error=(
-                f"no server ready within {self.options.retry_timeout:g} s ({self.client.pool.last_errors()})"))
+            reason = f"no server ready within {self.options.retry_timeout:g} s ({self.client.pool.last_errors()})"
+            if self.options.spool is None or frame.image is None or not self._to_spool(camera, frame, reason):
+                self._record(camera, frame, STATUS_ERROR, error=reason)
 
     def _dispatch(self, camera: _Camera) -> None:
         while not self.stop_event.is_set():
@@ -271,6 +307,10 @@ class MultiCameraRunner:
             try:
                 if result is not None:
                     self._record_result(camera, frame, result)
+                elif error is not None and error.server_fault and self._spool_sent(
+                        camera, frame, str(error), server=error.server or None, attempts=error.attempts,
+                        latency_ms=round(error.latency_ms, 3)):
+                    pass  # in the spool: inspected late when a server is back
                 else:
                     assert error is not None
                     self._record(
@@ -301,11 +341,148 @@ class MultiCameraRunner:
         for index in left:
             with camera.pending_lock:
                 frame = camera.pending.get(index)
-            if frame is not None:
+            if frame is not None and not self._spool_sent(camera, frame, "no answer before shutdown"):
                 self._record(camera, frame, STATUS_ERROR, sent=True, error="no answer before shutdown")
         with camera.pending_lock:  # answers being written right now: their counts belong in the summary
             while camera.recording:
                 camera.pending_lock.wait(_POLL_S)
+
+    # -- the spool ----------------------------------------------------------------------------------------------
+    def _to_spool(self, camera: _Camera, frame: Frame, reason: str) -> bool:
+        """Writes the frame to the spool (its line comes when it is inspected, or at the end); False when it
+        cannot be written (the caller records the error). Frames evicted to make room are recorded as dropped."""
+        spool = self.options.spool
+        assert spool is not None and frame.image is not None
+        try:
+            evicted = spool.put(frame.image, camera.name, frame.index, frame.source_name, frame.capture_time, reason)
+        except OSError as exc:
+            print(f"camera {camera.name}: cannot write to the spool: {exc}", file=sys.stderr, flush=True)
+            return False
+        self._record_evicted(evicted)
+        return True
+
+    def _spool_sent(self, camera: _Camera, frame: Frame, reason: str, **error_fields: Any) -> bool:
+        """A sent frame no server could answer: to the spool, if there is one (taken out of `pending` first, so a
+        late answer cannot give it a second line; recorded as an error with `error_fields` if the spool cannot
+        take it). False: there is no spool, nothing was done."""
+        if self.options.spool is None or frame.image is None:
+            return False
+        with camera.pending_lock:
+            if camera.pending.pop(frame.index, None) is None:
+                return True  # already recorded by someone else: nothing left to do
+            camera.recording += 1
+        try:
+            if not self._to_spool(camera, frame, reason):
+                self._write_record(camera, frame, STATUS_ERROR, {**error_fields, "error": reason}, None)
+            return True
+        finally:
+            with camera.pending_lock:
+                camera.recording -= 1
+                camera.pending_lock.notify_all()
+
+    def _record_evicted(self, evicted: list[SpooledFrame]) -> None:
+        for old in evicted:
+            self._record_spooled_frame(old, STATUS_DROPPED, drop_reason="evicted from the full spool (oldest first)")
+
+    def _drain_spool(self) -> None:
+        """Inspects spooled frames, oldest first, whenever a server is ready. Ends when stopped, or once the
+        cameras are done and the spool is empty (or no server was ready for spool_wait seconds since)."""
+        spool = self.options.spool
+        assert spool is not None
+        no_server_since: float | None = None
+        done_at: float | None = None
+        while not self.abort_event.is_set():
+            done = self._cameras_done.is_set()
+            if done and done_at is None:
+                done_at = time.monotonic()
+            if done and (self.stop_event.is_set() or len(spool) == 0):
+                break
+            if not self.client.pool.has_ready():
+                no_server_since = no_server_since or time.monotonic()
+                # the last wait: spool_wait seconds without a ready server, counted from the cameras' end
+                waited = time.monotonic() - max(no_server_since, done_at or math.inf)
+                if waited >= self.options.spool_wait:
+                    break
+                self.client.pool.wait_for_ready(_POLL_S)
+                continue
+            no_server_since = None
+            with self._spool_lock:
+                if self._spool_in_flight >= SPOOL_IN_FLIGHT:
+                    self._spool_lock.wait(_POLL_S)
+                    continue
+            entry = spool.take()
+            if entry is None:
+                time.sleep(_POLL_S)
+                continue
+            self._send_spooled(entry)
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        with self._spool_lock:  # answers of spooled frames in flight: written before the run ends
+            while self._spool_in_flight and time.monotonic() < deadline and not self.abort_event.is_set():
+                self._spool_lock.wait(_POLL_S)
+
+    def _send_spooled(self, entry: SpooledFrame) -> None:
+        spool = self.options.spool
+        assert spool is not None and entry.image is not None
+        with self._spool_lock:
+            self._spool_in_flight += 1
+
+        def done(result: InspectionResult | None, error: InspectionError | None) -> None:
+            try:
+                if result is not None:
+                    self._record_late(entry, result)
+                    spool.done(entry)
+                elif error is not None and error.server_fault and entry.tries + 1 < SPOOL_MAX_TRIES:
+                    self._record_evicted(spool.give_back(entry, str(error)))
+                else:
+                    self._record_spooled_frame(entry, STATUS_ERROR, error=str(error), attempts=error.attempts if
+                                               error else None)
+                    spool.done(entry)
+            finally:
+                with self._spool_lock:
+                    self._spool_in_flight -= 1
+                    self._spool_lock.notify_all()
+
+        try:
+            self.client.submit(entry.image, done)
+        except Exception as exc:  # the image could not be encoded: it never will be
+            done(None, InspectionError(f"{type(exc).__name__}: {exc}"))
+
+    def _record_late(self, entry: SpooledFrame, result: InspectionResult) -> None:
+        fields: dict[str, Any] = {}
+        if not result.finite:
+            fields["error"] = (f"the server answered a score that is not a number (score {result.score}, raw score "
+                               f"{result.raw_score}): recorded as anomalous")
+        self._record_spooled_frame(
+            entry, STATUS_LATE, answer=result, server=result.server, latency_ms=round(result.latency_ms, 3),
+            score=result.score, raw_score=result.raw_score, verdict=result.verdict, attempts=result.attempts,
+            **fields)
+
+    def _record_spooled_frame(self, entry: SpooledFrame, status: str, answer: InspectionResult | None = None,
+                              **fields: Any) -> None:
+        """The line of a frame that was in the spool (its camera may not be one of this run's)."""
+        spool = self.options.spool
+        assert spool is not None
+        frame = Frame(entry.camera, entry.frame, entry.source, entry.capture_time, entry.image)
+        fields["inspected_time"] = _iso(time.time()) if status == STATUS_LATE else None
+        fields["spooled_by_earlier_run"] = True if entry.run != spool.run else None
+        fields["spool_reason"] = entry.reason if status != STATUS_LATE else None
+        camera = self._by_name.get(entry.camera)
+        if camera is not None:
+            self._write_record(camera, frame, status, fields, answer)
+            return
+        record = {"camera": entry.camera, "frame": entry.frame, "source": entry.source,
+                  "capture_time": frame.capture_time_iso, "status": status,
+                  **{k: v for k, v in fields.items() if v is not None}}
+        self.writer.write(record)
+
+    def _record_left_in_spool(self) -> None:
+        """Frames this run spooled that are still there: a "spooled" line each (the next run inspects them)."""
+        spool = self.options.spool
+        if spool is None:
+            return
+        for entry in spool.left():
+            if entry.run == spool.run:
+                self._record_spooled_frame(entry, STATUS_SPOOLED, spool=str(spool.folder))
 
     # -- recording -----------------------------------------------------------------------------------------------
     def _record_result(self, camera: _Camera, frame: Frame, result: InspectionResult) -> None:
@@ -389,3 +566,7 @@ class MultiCameraRunner:
         """Sets the camera's live state and tells the observer when it changed (or when `announce`)."""
         if camera.stats.set_state(state) or announce:
             self._notify("camera_state", camera.name, state.value)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")

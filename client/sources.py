@@ -25,6 +25,8 @@ import numpy as np
 from mrkd.core.files import user_path
 from mrkd.core.preprocess import InvalidImageError, load_image, to_rgb
 
+from .redact import redact
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
@@ -59,6 +61,7 @@ class SourceOptions:
     reconnect: int = 0  # attempts to reopen a lost stream before the camera gives up (0: give up at once)
     reconnect_delay: float = 0.5  # seconds before the first attempt; doubled after each failed one
     reconnect_max_delay: float = 10.0
+    max_read_errors: int = 100  # consecutive unreadable frames before the camera gives up (one bad file is a line)
 
 
 @dataclass
@@ -89,6 +92,8 @@ class FrameSource:
             raise SourceError(f"--fps must be positive, got {options.fps}")
         if options.reconnect < 0:
             raise SourceError(f"--reconnect must not be negative, got {options.reconnect}")
+        if options.max_read_errors < 1:
+            raise SourceError(f"max_read_errors must be at least 1, got {options.max_read_errors}")
         self.options = options
         self.live = self.live or options.fps is not None
         self._stop = threading.Event()  # read()'s stop event: ends waits inside frames() (reconnect backoff)
@@ -104,6 +109,7 @@ class FrameSource:
         period = 1.0 / self.options.fps if self.options.fps else 0.0
         next_due = time.monotonic()
         index = 0
+        failed_in_a_row = 0
         for item in self.frames():
             if isinstance(item, SourceEvent):
                 yield item
@@ -118,9 +124,14 @@ class FrameSource:
                     next_due = time.monotonic()
             if stop.is_set():
                 return
-            if isinstance(image, InvalidImageError):
-                yield Frame(camera, index, name, time.time(), None, read_error=str(image))
+            if isinstance(image, Exception):
+                failed_in_a_row += 1
+                if failed_in_a_row > self.options.max_read_errors:
+                    raise SourceError(f"gave up after {self.options.max_read_errors} unreadable frames in a row "
+                                      f"(last: {redact(str(image))})")
+                yield Frame(camera, index, name, time.time(), None, read_error=redact(str(image)))
             else:
+                failed_in_a_row = 0
                 yield Frame(camera, index, name, time.time(), image)
             index += 1
 
@@ -152,9 +163,11 @@ class FolderSource(FrameSource):
         while True:
             for path in self.paths:
                 try:
-                    image: np.ndarray | InvalidImageError = load_image(path)
+                    image: np.ndarray | Exception = load_image(path)
                 except InvalidImageError as exc:  # one bad file is recorded as that frame's error, not fatal
                     image = exc
+                except OSError as exc:  # a file gone, or no file descriptor left: that frame's error, not fatal
+                    image = InvalidImageError(f"cannot read {path.name}: {type(exc).__name__}: {exc.strerror or exc}")
                 yield path.name, image
             if not self.options.loop:
                 return
@@ -177,14 +190,16 @@ class VideoSource(FrameSource):
         self._cv2 = cv2
         self._capture = self._open()
         kind = "stream" if self.is_stream else "video"
-        self.description = f"{kind} {location}"
-        self._label = location if self.is_stream else Path(location).name
+        self.shown_location = redact(location)  # what is written or shown: never the stream's credentials
+        self.description = f"{kind} {self.shown_location}"
+        self._label = self.shown_location if self.is_stream else Path(location).name
 
     def _open(self):
         capture = self._cv2.VideoCapture(self.location)
         if not capture.isOpened():
             capture.release()
-            raise SourceError(f"OpenCV cannot open {self.location} (missing codec, wrong URL, or not a video)")
+            raise SourceError(f"OpenCV cannot open {redact(self.location)} (missing codec, wrong URL, or not a "
+                              "video)")
         return capture
 
     def frames(self) -> Iterator[tuple[str, np.ndarray | InvalidImageError] | SourceEvent]:
@@ -214,7 +229,7 @@ class VideoSource(FrameSource):
         allowed = self.options.reconnect
         if attempts_used >= allowed:
             detail = "--reconnect is 0" if allowed == 0 else f"gave up after {allowed} reconnect attempts"
-            raise SourceError(f"stream {self.location} lost ({reason}); {detail}")
+            raise SourceError(f"stream {redact(self.location)} lost ({reason}); {detail}")
         if self._capture is not None:
             self._capture.release()
             self._capture = None
@@ -233,8 +248,8 @@ class VideoSource(FrameSource):
                 continue
             yield SourceEvent("gap", lost_wall, reason, seconds=time.monotonic() - lost_at, attempts=attempts_used)
             return attempts_used
-        raise SourceError(f"stream {self.location} lost ({reason}); gave up after {allowed} reconnect attempts over "
-                          f"{time.monotonic() - lost_at:.1f} s (last error: {last_error})")
+        raise SourceError(f"stream {redact(self.location)} lost ({reason}); gave up after {allowed} reconnect "
+                          f"attempts over {time.monotonic() - lost_at:.1f} s (last error: {last_error})")
 
     def close(self) -> None:
         if self._capture is not None:
@@ -347,7 +362,8 @@ def open_source(spec: str, options: SourceOptions | None = None) -> FrameSource:
             raise SourceError(f"{spec} is a single image; give the folder that holds the camera's images")
         return VideoSource(spec, options)
     raise SourceError(
-        f"camera source {spec!r} is neither a folder, a video file, an rtsp:// or http:// stream, nor 'synthetic:'"
+        f"camera source {redact(spec)!r} is neither a folder, a video file, an rtsp:// or http:// stream, nor "
+        "'synthetic:'"
     )
 
 
@@ -359,7 +375,7 @@ def parse_camera(text: str) -> tuple[str, str]:
     [A-Za-z0-9_.-], matched entirely, and may not be '.' or '..'."""
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
-        raise SourceError(f"--camera expects NAME=SOURCE, got {text!r}")
+        raise SourceError(f"--camera expects NAME=SOURCE, got {redact(text)!r}")
     if not _CAMERA_NAME.fullmatch(name):
         raise SourceError(f"camera name {name!r} may only use letters, digits, '_', '.' and '-'")
     if name in (".", ".."):

@@ -29,6 +29,7 @@ _GRPC_STATUS = re.compile(r"^\[StatusCode\.([A-Z_]+)\]")
 # The client's own reasons for a frame without an answer (client/runner.py, client/inspection.py).
 _CLIENT_ERRORS = (
     ("no server is ready", "NO_SERVER"),
+    ("no server ready", "NO_SERVER"),  # a frame that waited --retry-timeout for a ready server
     ("unreadable frame", "UNREADABLE_FRAME"),
     ("no answer before shutdown", "NO_ANSWER"),
 )
@@ -75,6 +76,12 @@ class ClientMetrics:
                                ["camera"], buckets=SCORE_BUCKETS, registry=self.registry)
         self.server_up = Gauge("mrkd_server_up", "1 when the Triton server is ready for the model, else 0", ["url"],
                                registry=self.registry)
+        self.spool_frames = Gauge("mrkd_spool_frames", "Frames in the spool, waiting for a server to be inspected "
+                                  "late", registry=self.registry)
+        self.spool_bytes = Gauge("mrkd_spool_bytes", "Size of the spool on disk", registry=self.registry)
+        self.spool_evicted = Counter("mrkd_spool_evicted_frames", "Frames evicted from the full spool (oldest "
+                                     "first), each recorded as dropped", registry=self.registry)
+        self._evicted_counted = 0
         self.dashboard_cpu = Counter("mrkd_dashboard_cpu_seconds", "CPU time used by the dashboard's own threads "
                                      "(web server, thumbnails, snapshots)", registry=self.registry)
         for camera in cameras:  # every series exists from the start, at 0
@@ -100,6 +107,13 @@ class ClientMetrics:
     def failed_frame(self, camera: str, code: str) -> None:
         self.frames.labels(camera, VERDICT_INVALID).inc()
         self.errors.labels(camera, code).inc()
+
+    def set_spool(self, frames: int, size: int, evicted: int) -> None:
+        """The spool's figures; `evicted` is the spool's running count (the counter catches up to it)."""
+        self.spool_frames.set(frames)
+        self.spool_bytes.set(size)
+        self.spool_evicted.inc(max(0, evicted - self._evicted_counted))
+        self._evicted_counted = max(evicted, self._evicted_counted)
 
     def set_server(self, url: str, up: bool) -> None:
         self.server_up.labels(url).set(1 if up else 0)

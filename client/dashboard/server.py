@@ -8,6 +8,11 @@ Routes:
   /api/cameras/{camera}/anomalies/{frame}.jpg   a kept anomalous frame with its heat map (JPEG)
   /metrics                                  Prometheus text format (prometheus-client)
 
+Access (access.py): the Host header must be an allowed name (no DNS rebinding); bound anywhere but loopback, every
+request needs the credentials from the environment. Limits (connections.py, DashboardOptions): at most
+`max_connections` open connections, each must deliver a whole request within `request_timeout_s`, at most
+`max_event_streams` open pages; an event stream wakes only when a new snapshot is published.
+
 A tick thread (not the inference path) does the periodic work: it reads the server pool's readiness, renders the
 frames kept since the last tick into thumbnails and publishes one snapshot that every open page receives. Nobody
 watching (no open page, no image asked for in the last IMAGE_INTEREST_S seconds): no thumbnails are made at all.
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .access import AccessError, Credentials, allowed_hosts, is_loopback
 from .state import DashboardOptions, LineState
 
 if TYPE_CHECKING:
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).resolve().parent / "static"
 _ADDRESS = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):(\d{1,5})$")
-_SSE_POLL_S = 0.1  # how often an open event stream looks for a new snapshot
+_SSE_KEEPALIVE_S = 15.0  # an event stream without a new snapshot for this long sends a comment (finds dead peers)
 IMAGE_INTEREST_S = 10.0  # after an image request, thumbnails are made for this long even without an open page
 
 
@@ -59,8 +65,21 @@ class Dashboard:
     """
 
     def __init__(self, host: str, port: int, cameras: Sequence[tuple[str, "FrameSource"]],
-                 pool: "ServerPool | None" = None, options: DashboardOptions | None = None):
+                 pool: "ServerPool | None" = None, options: DashboardOptions | None = None,
+                 credentials: Credentials | None = None, spool=None):
+        """credentials: None reads them from the environment (access.py); required unless `host` is loopback.
+        spool: the run's client.spool.Spool, whose depth the page and /metrics show."""
         self.host, self.port = host, port
+        try:
+            self.credentials = credentials if credentials is not None else Credentials.from_env()
+        except AccessError as exc:
+            raise DashboardError(str(exc)) from exc
+        if not is_loopback(host) and not self.credentials.required:
+            raise DashboardError(
+                f"--dashboard {host}:{port} can be reached from other machines: set MRKD_DASHBOARD_TOKEN, or "
+                "MRKD_DASHBOARD_USER and MRKD_DASHBOARD_PASSWORD (see docs/dashboard.md), or bind to 127.0.0.1")
+        self.allowed_hosts = allowed_hosts(host)
+        self.spool = spool
         self.pool = pool
         urls = [s.url for s in pool.servers] if pool is not None else []
         self.state = LineState([(name, source.description, source.live) for name, source in cameras], urls, options)
@@ -73,13 +92,22 @@ class Dashboard:
         self._loop_cpu = 0.0  # the web server thread's CPU time when last counted
         self._server = None
         self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the web server's, once it runs
+        self._new_snapshot: asyncio.Event | None = None  # set (and replaced) on the loop when one is published
+        self.stream_wakeups = 0  # times an event stream woke up (a snapshot, a keep-alive or closing)
 
     @property
     def url(self) -> str:
+        """The address it listens on, as bound (http://0.0.0.0:PORT/ listens on every interface)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
         return f"http://{host}:{self.port}/"
+
+    @property
+    def local_url(self) -> str:
+        """An address of the page on this machine (loopback when bound to every interface)."""
+        if self.host in ("0.0.0.0", "::"):
+            return f"http://{'127.0.0.1' if self.host == '0.0.0.0' else '[::1]'}:{self.port}/"
+        return self.url
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> str:
@@ -92,8 +120,19 @@ class Dashboard:
         except OSError as exc:
             raise DashboardError(f"dashboard cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from exc
         self.port = sock.getsockname()[1]
+        if not is_loopback(self.host):
+            print(f"dashboard: WARNING: {self.url} is reachable from other machines; every request needs the "
+                  "credentials (MRKD_DASHBOARD_TOKEN or MRKD_DASHBOARD_USER/PASSWORD)", file=sys.stderr, flush=True)
+        from .connections import guarded_protocol
+
+        opts = self.options
         config = uvicorn.Config(self.app(), log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                ws="none", timeout_graceful_shutdown=2)
+                                ws="none", timeout_graceful_shutdown=2, http=guarded_protocol(
+                                    opts.max_connections, opts.request_timeout_s),
+                                limit_concurrency=opts.max_connections + 1,  # 503 beyond (the guard closes first)
+                                timeout_keep_alive=opts.keep_alive_s,
+                                backlog=opts.listen_backlog,  # also bounds a burst of accepts (asyncio)
+                                h11_max_incomplete_event_size=16 * 1024)
         self._server = uvicorn.Server(config)
         self._loop_cpu = 0.0  # the web server thread is new: its CPU time starts at 0
         self._tick()  # the first snapshot knows the servers already
@@ -118,6 +157,7 @@ class Dashboard:
 
     def stop(self) -> None:
         self._closing.set()
+        self._announce()
         if self._server is not None:
             self._server.should_exit = True
         for thread in self._threads:
@@ -151,8 +191,25 @@ class Dashboard:
                                              failures=server.failures)
             if self._watchers > 0 or time.monotonic() < self._images_wanted_until:
                 self.state.render_pending()
+            if self.spool is not None:
+                self.state.spool_state(**self.spool.figures())
             version = self._published[0] + 1
             self._published = (version, json.dumps(self.state.snapshot(), allow_nan=False))
+        self._announce()
+
+    def _announce(self) -> None:
+        """Wakes the open event streams (from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._wake_streams)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    def _wake_streams(self) -> None:  # on the loop
+        if self._new_snapshot is not None:
+            self._new_snapshot.set()
+            self._new_snapshot = asyncio.Event()
 
     # -- the app ---------------------------------------------------------------------------------------------------
     def app(self):
@@ -194,7 +251,10 @@ class Dashboard:
         async def anomaly(request: Request) -> Response:
             self._count_loop_cpu()
             camera = camera_or_404(request)
-            frame = request.path_params["frame"]
+            text = request.path_params["frame"]
+            if not (text.isascii() and text.isdigit() and len(text) <= 18):  # int() of 5000 digits raises
+                raise _NotFound(f"no frame {text[:20]}{'...' if len(text) > 20 else ''} (a frame number is digits)")
+            frame = int(text)
             return jpeg(self.state.anomaly_jpeg(camera, frame), f"thumbnail of frame {frame} of camera {camera!r}")
 
         async def metrics(request: Request) -> Response:
@@ -204,6 +264,14 @@ class Dashboard:
             return Response(self.state.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE, **no_store})
 
         async def events(request: Request) -> Response:
+            if self._watchers >= self.options.max_event_streams:
+                return JSONResponse({"error": f"too many open pages (at most {self.options.max_event_streams}); "
+                                              "close one, or read /api/cameras"}, status_code=503,
+                                    headers={**no_store, "Retry-After": "10"})
+            if self._new_snapshot is None:
+                self._loop = asyncio.get_running_loop()
+                self._new_snapshot = asyncio.Event()
+
             async def stream():
                 self._watchers += 1  # only the event loop's thread changes it
                 try:
@@ -215,7 +283,12 @@ class Dashboard:
                             seen = version
                             self._count_loop_cpu()
                             yield f"id: {version}\ndata: {payload}\n\n"
-                        await asyncio.sleep(_SSE_POLL_S)
+                        woken = self._new_snapshot
+                        try:  # sleeps until the tick thread publishes (no polling)
+                            await asyncio.wait_for(woken.wait(), _SSE_KEEPALIVE_S)
+                        except asyncio.TimeoutError:
+                            yield ": keep-alive\n\n"
+                        self.stream_wakeups += 1
                 finally:
                     self._watchers -= 1
 
@@ -230,11 +303,19 @@ class Dashboard:
             Route("/api/events", events),
             Route("/api/cameras", cameras),
             Route("/api/cameras/{camera}/latest.jpg", latest),
-            Route("/api/cameras/{camera}/anomalies/{frame:int}.jpg", anomaly),
+            Route("/api/cameras/{camera}/anomalies/{frame}.jpg", anomaly),
             Route("/metrics", metrics),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ]
-        return Starlette(routes=routes, exception_handlers={_NotFound: not_found})
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        from .access import RequireCredentials
+
+        middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=self.allowed_hosts, www_redirect=False)]
+        if self.credentials.required:
+            middleware.append(Middleware(RequireCredentials, credentials=self.credentials))
+        return Starlette(routes=routes, middleware=middleware, exception_handlers={_NotFound: not_found})
 
 
 class _NotFound(LookupError):

@@ -35,16 +35,24 @@ class DashboardOptions:
     chart_seconds: int = 300  # the score strip chart: the highest score of each second, over the last 5 minutes
     latency_window: int = 512  # p50/p99 over a camera's last N answers
     fps_window_s: float = 5.0  # frames/s over the last N seconds
+    max_connections: int = 64  # open HTTP connections; one more is closed at once (connections.py)
+    max_event_streams: int = 16  # open pages (event streams); one more gets 503
+    request_timeout_s: float = 10.0  # a connection must deliver a whole request this soon (after connecting or
+    # after its last answer), else it is closed
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this long (uvicorn)
+    listen_backlog: int = 32  # connections waiting to be accepted; open descriptors peak near max_connections + this
 
     def __post_init__(self) -> None:
         if self.push_interval_s <= 0:
             raise ValueError(f"push interval must be positive, got {self.push_interval_s}")
         for name in ("anomaly_thumbnails", "thumbnail_width", "anomaly_thumbnail_width", "chart_seconds",
-                     "latency_window"):
+                     "latency_window", "max_connections", "max_event_streams", "listen_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be between 1 and 100, got {self.jpeg_quality}")
+        if self.request_timeout_s <= 0 or self.keep_alive_s <= 0:
+            raise ValueError("request_timeout_s and keep_alive_s must be positive")
 
 
 @dataclass
@@ -104,6 +112,7 @@ class LineState(RunObserver):
         self.metrics = ClientMetrics(list(self.cameras), urls)
         self.servers: dict[str, dict[str, Any]] = {url: {"url": url, "up": False, "detail": ""} for url in urls}
         self.finished = False
+        self.spool: dict[str, Any] | None = None  # frames, bytes, evicted of the run's spool (none: no spool)
         self._servers_lock = threading.Lock()
 
     # -- RunObserver (runner threads) ------------------------------------------------------------------------------
@@ -164,6 +173,9 @@ class LineState(RunObserver):
             view.invalid += 1
             view.last_drop_reason = str(record.get("drop_reason", ""))
 
+    def frame_spooled(self, camera: str, frame, record: dict[str, Any]) -> None:
+        self.metrics.frames.labels(camera, VERDICT_INVALID).inc()
+
     def frame_failed(self, camera: str, frame, record: dict[str, Any]) -> None:
         message = str(record.get("error", ""))
         self.metrics.failed_frame(camera, error_code(message))
@@ -178,6 +190,11 @@ class LineState(RunObserver):
         with self._servers_lock:
             entry = self.servers.setdefault(url, {"url": url})
             entry.update(up=bool(up), detail=detail)
+
+    def spool_state(self, frames: int, bytes: int, evicted: int) -> None:
+        """The spool's depth (frames waiting to be inspected late), its size and how many frames it evicted."""
+        self.spool = {"frames": frames, "bytes": bytes, "evicted": evicted}
+        self.metrics.set_spool(frames, bytes, evicted)
 
     def update_server(self, url: str, **figures: Any) -> None:
         """Extra per-server figures for the page (requests, in_flight, failures)."""
@@ -233,6 +250,7 @@ class LineState(RunObserver):
             "push_interval_s": self.options.push_interval_s,
             "chart_seconds": self.options.chart_seconds,
             "servers": servers,
+            "spool": self.spool,
             "cameras": [self._camera_snapshot(view, any_up) for view in self.cameras.values()],
         }
 

@@ -186,8 +186,17 @@ function showBanner(text) {
   banner.textContent = text || "";
 }
 
+function updateSpool(spool) {  // frames waiting on disk for a server, inspected late (null: no spool)
+  const element = document.getElementById("spool");
+  element.hidden = !spool;
+  if (!spool) return;
+  element.textContent = `spool: ${spool.frames} frames` + (spool.evicted ? ` (${spool.evicted} evicted)` : "");
+  element.classList.toggle("alert", spool.frames > 0 || spool.evicted > 0);
+}
+
 function update(snapshot) {
   updateServers(snapshot.servers);
+  updateSpool(snapshot.spool);
   for (const camera of snapshot.cameras) updateCamera(camera, snapshot);
   const anyUp = snapshot.servers.length === 0 || snapshot.servers.some(s => s.up);
   setBadge(document.getElementById("run"), snapshot.finished ? "finished" : "running",
