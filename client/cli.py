@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from mrkd.core.files import user_path
