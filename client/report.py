@@ -23,8 +23,8 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-STATUS_OK = "ok"
-STATUS_INVALID_SCORE = "invalid_score"  # answered, but the score is not a number: recorded as anomalous
+from mrkd.core.wire import STATUS_INVALID_SCORE, STATUS_OK
+
 STATUS_DROPPED = "dropped"
 STATUS_ERROR = "error"
 # Lines that are not frames: a source's gap (it was lost and came back) and a camera that gave up.

@@ -10,14 +10,11 @@ import torch
 
 from ..core.config import MRKD_VERSION
 from ..core.files import atomic_path, user_path
+from .errors import CheckpointError  # noqa: F401 (re-exported)
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model_config", "state_dict", "calibration")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, truncated, or not an MRKD checkpoint."""
 
 
 def versions() -> dict[str, str]:

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from .calibration import Calibration
 from .detector import Detector
 from .metrics import image_auroc
-from .network_runtime import (MANIFEST_FILE, NetworkManifest, NetworkRuntimeError, check_choice,
-                              convert, file_sha256, load_runner)
+from .convert import MANIFEST_FILE, NetworkManifest, convert, file_sha256, load_runner
+from .errors import NetworkRuntimeError
+from .runners import check_choice
 from ..core.config import ModelConfig
 from ..core.files import user_path
 from ..core.preprocess import InvalidImageError, load_image, prepare_image

@@ -21,15 +21,12 @@ from ..core.config import ModelConfig
 from ..core.files import user_path
 from ..model.backbones import Backbone, BackboneSpec, PackageFile, TorchvisionFile, backbone_spec, create_backbone
 from ..model.network import MRKDModel
+from .errors import MissingWeightsError
 
 __all__ = ["MissingWeightsError", "WeightsPath", "build_model", "imagenet_classifier", "load_backbone",
            "read_weights"]
 
 WeightsPath = str | os.PathLike | None
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights requested but the weight file cannot be found or fetched."""
 
 
 def load_backbone(name: str, pretrained: bool = True, weights: WeightsPath = None) -> Backbone:
