@@ -146,7 +146,7 @@ def test_product_names_prefix_every_model_and_configs_follow_options():
     assert "dims: [ 3, 128, 128 ]" in configs["bottle_detector"]
     assert 'name: "ANOMALY_MAP" data_type: TYPE_UINT8 dims: [ 48, 48 ]' in configs["bottle"]
     assert all("max_batch_size: 8\n" in text for text in configs.values())
-    with pytest.raises(ExportError, match="--name"):
+    with pytest.raises(ExportError, match="name must match"):
         render_configs(64, ExportOptions(name="bad name"))
     with pytest.raises(ExportError, match="map-dtype"):
         render_configs(64, ExportOptions(map_dtype="fp64"))
@@ -516,7 +516,7 @@ def test_export_makes_every_file_durable_before_it_becomes_visible(tiny_checkpoi
 
 def test_product_names_must_match_entirely():
     for bad in ("mrkd\n", "bottle\n", ".", "..", "a/b"):
-        with pytest.raises(ExportError, match="--name"):
+        with pytest.raises(ExportError, match="name must match"):
             ExportOptions(name=bad).validate()
 
 
@@ -583,6 +583,7 @@ def _start_serve(tiny_checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Pope
     return process, family
 
 
+@pytest.mark.triton
 def test_a_sigkilled_serve_leaves_no_process_behind(tiny_checkpoint, tmp_path):
     import os
     import signal
@@ -598,6 +599,7 @@ def test_a_sigkilled_serve_leaves_no_process_behind(tiny_checkpoint, tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.triton
 def test_serve_exits_nonzero_at_once_when_its_tritonserver_dies(tiny_checkpoint, tmp_path):
     import os
     import signal
