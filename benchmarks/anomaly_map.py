@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import sys
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,7 @@
 `python -m client` (all as separate processes). Prints, per scenario, frames answered / errors / lost and the
 client's exit status.
 
-  python benchmarks/resilience.py restart          # the only server SIGKILLed 6 s in, restarted on the same ports 40 s later
+  python benchmarks/resilience.py restart          # the only server SIGKILLed 6 s in, restarted on its ports 40 s later
   python benchmarks/resilience.py failing-server   # two servers, one starts failing every inference mid-run
   python benchmarks/resilience.py orphans          # processes left after `python -m mrkd.serve` is SIGKILLed
   python benchmarks/resilience.py all [--checkpoint runs/elpv-mono/checkpoint.pt]
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import alive, descendants, start_serve, tritonserver_of  # noqa: E402  (tests/helpers.py)
+
 from mrkd.triton.launcher import free_port  # noqa: E402
 from mrkd.triton.repository import ExportOptions, export  # noqa: E402
 

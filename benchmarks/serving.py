@@ -46,8 +46,9 @@ from mrkd.data import open_dataset  # noqa: E402
 from mrkd.model.network import MRKDModel  # noqa: E402
 from mrkd.runtime.calibration import Calibration  # noqa: E402
 from mrkd.runtime.checkpoint import save_checkpoint  # noqa: E402
+from mrkd.runtime.convert import max_relative_error, verification_batch  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
-from mrkd.runtime.network_runtime import PRECISIONS, RUNTIMES, max_relative_error, verification_batch  # noqa: E402
+from mrkd.runtime.runners import PRECISIONS, RUNTIMES  # noqa: E402
 from mrkd.triton.launcher import TritonServer  # noqa: E402
 from mrkd.triton.repository import ExportOptions, export  # noqa: E402
 
@@ -224,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=32, help="distinct ELPV cells cycled through")
     p.add_argument("--instances", type=int, default=1, help="detector instances")
     p.add_argument("--preprocess-instances", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="per detector instance, every runtime (0 = cores / instances)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="per detector instance, every runtime (0 = cores / instances)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--preferred-batch-sizes", type=int_list, default=[])
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                     for label, model in models.items():
                         m = bench_triton(server.grpc_url, model, encoded, concurrency, args.seconds)
                         triton[label].append(m)
-                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s ({m.cpu_ms_per_image:6.1f} CPU "
+                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s "
+                              f"({m.cpu_ms_per_image:6.1f} CPU "
                               f"ms per image)   latency p50 {m.percentile(50):7.1f} ms  p99 {m.percentile(99):7.1f} ms",
                               flush=True)
 

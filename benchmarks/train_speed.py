@@ -11,8 +11,9 @@ Paths (the method is the same in all of them; only how a step is computed change
                  bf16: AVX512-BF16 or AMX; `--precision fp32` elsewhere). This is what `mrkd.train` does.
 
 `--clock cpu --threads 1` times the process's CPU time instead of elapsed time: the ratios then hold on a machine
-that is busy with other work. Prints images/s per path (after `--warmup` steps; the one-time feature cache is reported apart), the time split of a
-step (data and ILM, teacher, student forward, backward + Adam), and the loss curves of old and new over
+that is busy with other work. Prints images/s per path (after `--warmup` steps; the one-time feature cache is
+reported apart), the time split of a step (data and ILM, teacher, student forward, backward + Adam), and the
+loss curves of old and new over
 `--curve-steps` steps (mean of each window of 25 steps) to show that the speed-up does not change training.
 """
 from __future__ import annotations

@@ -171,7 +171,8 @@ def serve_and_stream(args: DemoOptions, cfg: TrainConfig, out: Path, checkpoint:
 
     feeds = write_camera_folders(cfg, out / "cameras", args.cameras)
     results = out / "client_results.jsonl"
-    with TritonServer(result.repo, grpc_port=0, http_port=0, metrics_port=0, log_file=out / "tritonserver.log") as server:
+    server = TritonServer(result.repo, grpc_port=0, http_port=0, metrics_port=0, log_file=out / "tritonserver.log")
+    with server:
         log.info("[4/5] tritonserver ready at %s (models: %s)", server.grpc_url, ", ".join(server.models))
         log.info("[5/5] streaming %d held-out cells through %d cameras", sum(len(l) for _, l in feeds.values()),
                  len(feeds))
@@ -224,6 +225,7 @@ class DemoOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m mrkd.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

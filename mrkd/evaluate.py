@@ -2,7 +2,8 @@
 
 Examples:
   python -m mrkd.evaluate --checkpoint runs/elpv-mono/checkpoint.pt --data elpv:mono --out runs/elpv-mono/eval
-  python -m mrkd.evaluate --checkpoint runs/bottle/checkpoint.pt --data /data/mvtec --category bottle --out runs/bottle/eval
+  python -m mrkd.evaluate --checkpoint runs/bottle/checkpoint.pt --data /data/mvtec --category bottle \
+      --out runs/bottle/eval
 
 Writes <out>/metrics.json (image_auroc, pixel_auroc, aupro, aupro_per_image, n_normal, n_anomalous,
 ms_per_image), <out>/scores.csv, <out>/roc.png and heat-map overlays of the worst false positives and negatives.
@@ -44,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opts = parse_args(argv)
 

@@ -78,6 +78,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     args = parse_args(argv)
     command = from_args(ExportCommand, args)
     return run_command(lambda: run(command, options_from_args(args)), ExportCommand, ExportOptions)

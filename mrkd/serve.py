@@ -45,6 +45,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     opts = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
 

@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg, threads = parse_args(argv)
     if threads:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO_ROOT
 
 # 64 px, random teacher, 8 images: a real calibrated checkpoint in a few seconds

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mrkd.model.backbones import available_backbones
-from mrkd.runtime.weights import MissingWeightsError, imagenet_classifier, load_backbone
 from mrkd.core.config import ModelConfig
-from mrkd.data import open_dataset
-from mrkd.model.loss import cosine_distillation_loss
 from mrkd.core.preprocess import normalize, prepare_batch
+from mrkd.data import open_dataset
+from mrkd.model.backbones import available_backbones
+from mrkd.model.loss import cosine_distillation_loss
 from mrkd.model.network import MRKDModel
+from mrkd.runtime.weights import MissingWeightsError, imagenet_classifier, load_backbone
 
 EXPECTED_CHANNELS = {
     "wide_resnet50_2": (256, 512, 1024),

@@ -21,7 +21,15 @@ from mrkd.runtime.checkpoint import load_checkpoint, save_checkpoint
 from mrkd.runtime.detector import Detector, NonFiniteScoreError
 from mrkd.runtime.network_export import MAX_VERDICT_CHANGE, check_images, precision_report, prepare_network
 from mrkd.runtime.network_runtime import (
-    MANIFEST_FILE, ONNX_FILE, OPENVINO_FILE, NetworkRuntimeError, TorchRunner, check_choice, convert, load_runner)
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    NetworkRuntimeError,
+    TorchRunner,
+    check_choice,
+    convert,
+    load_runner,
+)
 from mrkd.triton.repository import ExportError, ExportOptions, existing_versions, export, render_configs
 
 FP32_TOL = 1e-4

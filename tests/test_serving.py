@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import alive, descendants, record_fsyncs_and_renames, start_serve, tritonserver_of, wait_gone
 from PIL import Image
 
-from helpers import alive, descendants, record_fsyncs_and_renames, start_serve, tritonserver_of, wait_gone
-from mrkd.runtime.calibration import Calibration
 from mrkd.core.config import ModelConfig
-from mrkd.runtime.detector import Detector, Prediction
-from mrkd.triton.repository import ExportError, ExportOptions, export, existing_versions, model_names, render_configs
 from mrkd.core.preprocess import decode_image, prepare_image
-from mrkd.triton.launcher import ServerError, TritonServer, check_repository
+from mrkd.runtime.detector import Detector, Prediction
+from mrkd.triton.launcher import check_repository
 from mrkd.triton.models import decode_map, encode_map, resize_maps, split_counts, torch_threads_for
+from mrkd.triton.repository import ExportError, ExportOptions, existing_versions, export, model_names, render_configs
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -347,7 +346,7 @@ def test_a_bad_request_in_a_dynamic_batch_fails_alone(served_model, client, dete
     assert after[1] - before[1] < len(requests)
 
 
-# ---------------------------------------------------------------------------------------------------- exports: all or nothing
+# ---------------------------------------------------------------------------------------------------- exports: all or n
 
 
 def served_versions(repo: Path, name: str) -> dict[str, int | None]:
@@ -520,7 +519,7 @@ def test_product_names_must_match_entirely():
             ExportOptions(name=bad).validate()
 
 
-# ---------------------------------------------------------------------------------------------------- error codes and limits
+# ---------------------------------------------------------------------------------------------------- error codes and l
 
 
 def test_a_server_side_failure_is_internal_and_a_bad_input_is_invalid_argument(faulty_served_model, images):
@@ -567,7 +566,7 @@ def test_request_pixel_bound_counts_every_item():
         check_request_pixels([MAX_REQUEST_PIXELS // 2, MAX_REQUEST_PIXELS // 2 + 1])
 
 
-# ---------------------------------------------------------------------------------------------------- the server's lifetime
+# ---------------------------------------------------------------------------------------------------- the server's life
 
 
 def _start_serve(tiny_checkpoint: Path, tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:

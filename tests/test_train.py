@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from mrkd import Detector
-from mrkd.runtime.checkpoint import load_checkpoint
 from mrkd.core.config import ModelConfig, TrainConfig
 from mrkd.data import open_dataset
-from mrkd.train import main as train_main
+from mrkd.runtime.checkpoint import load_checkpoint
 from mrkd.runtime.training import train
+from mrkd.train import main as train_main
 
 TINY = dict(data="textures:brick", image_size=64, batch_size=4, max_train_images=8, save_every=0, seed=5)
 
@@ -155,8 +155,8 @@ def test_batchnorm_statistics_are_those_of_the_trained_network(tmp_path):
     test time must be the training images' own."""
     cfg = tiny(tmp_path, steps=2, max_train_images=8, batch_size=4)
     data = load_checkpoint(train(cfg, show_progress=False))
-    from mrkd.model.network import MRKDModel
     from mrkd.core.preprocess import normalize, prepare_batch
+    from mrkd.model.network import MRKDModel
 
     model = MRKDModel.from_config(ModelConfig.from_dict(data["model_config"]))
     model.load_state_dict(data["state_dict"])

@@ -26,8 +26,16 @@ from ..core.files import atomic_path
 from ..core.preprocess import normalize
 from ..ops import anomaly_map
 from .errors import NetworkRuntimeError
-from .runners import (INPUT_NAME, Features, NetworkRunner, OnnxRuntimeRunner, OpenVinoRunner, TorchRunner, check_choice,
-                      resolve_precision)
+from .runners import (
+    INPUT_NAME,
+    Features,
+    NetworkRunner,
+    OnnxRuntimeRunner,
+    OpenVinoRunner,
+    TorchRunner,
+    check_choice,
+    resolve_precision,
+)
 
 FP32_TOLERANCE = 1e-4  # largest max relative error of an fp32 conversion against torch
 ONNX_OPSET = 17
@@ -198,7 +206,8 @@ def convert(model: nn.Module, config: ModelConfig, runtime: str, precision: str,
             f"{runtime} does not reproduce the torch network: max relative error {error:.2e} > {FP32_TOLERANCE:.0e} "
             f"on {VERIFY_BATCH} seeded images; the network cannot be served with this runtime")
     manifest = NetworkManifest(
-        runtime=runtime, precision=precision, effective_precision=runner.precision, files=files, checkpoint_sha256=checkpoint_sha256,
+        runtime=runtime, precision=precision, effective_precision=runner.precision, files=files,
+        checkpoint_sha256=checkpoint_sha256,
         image_size=config.image_size, max_relative_error=error,
         score_relative_error=score_relative_error(got, reference, config.image_size, config.blur_sigma),
         versions=runtime_versions())

@@ -14,15 +14,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..core.config import ModelConfig
+from ..core.preprocess import normalize, prepare_batch
+from ..model.network import MRKDModel
+from ..ops import anomaly_map
 from .calibration import Calibration
 from .checkpoint import load_checkpoint
 from .convert import file_sha256, load_runner
-from .runners import NetworkRunner, TorchRunner, resolve_precision
-from ..core.config import ModelConfig
-from ..ops import anomaly_map
-from ..core.preprocess import normalize, prepare_batch
-from ..model.network import MRKDModel
 from .errors import NonFiniteScoreError
+from .runners import NetworkRunner, TorchRunner, resolve_precision
 
 
 @dataclass

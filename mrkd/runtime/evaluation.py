@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
-from ..data import ImageRecord, open_dataset
-from .detector import Detector
 from ..core.files import atomic_path, user_path, write_json
-from .metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 from ..core.preprocess import prepare_image
+from ..data import ImageRecord, open_dataset
+from .checkpoint import load_checkpoint
+from .detector import Detector
+from .metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 from .visualize import overlay, save_png
 
 log = logging.getLogger("mrkd.evaluate")
@@ -37,7 +37,8 @@ class TestRun:
 def run_detector(detector: Detector, records: list[ImageRecord], show: bool = True) -> TestRun:
     scores, normalized, maps, seconds = [], [], [], 0.0
     bs = detector.batch_size
-    for i in tqdm(range(0, len(records), bs), desc="evaluating", disable=not (show and sys.stderr.isatty()), leave=False):
+    hide_bar = not (show and sys.stderr.isatty())
+    for i in tqdm(range(0, len(records), bs), desc="evaluating", disable=hide_bar, leave=False):
         batch = torch.stack([prepare_image(r.load_image(), detector.image_size) for r in records[i : i + bs]])
         start = time.perf_counter()
         pred = detector.predict_prepared(batch)

@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .calibration import Calibration
-from .detector import Detector
-from .metrics import image_auroc
-from .convert import MANIFEST_FILE, NetworkManifest, convert, file_sha256, load_runner
-from .errors import NetworkRuntimeError
-from .runners import check_choice
 from ..core.config import ModelConfig
 from ..core.files import user_path
 from ..core.preprocess import InvalidImageError, load_image, prepare_image
 from ..data import open_dataset
 from ..model.network import MRKDModel
+from .calibration import Calibration
+from .convert import MANIFEST_FILE, NetworkManifest, convert, file_sha256, load_runner
+from .detector import Detector
+from .errors import NetworkRuntimeError
+from .metrics import image_auroc
+from .runners import check_choice
 
 MAX_VERDICT_CHANGE = 0.005  # largest fraction of images whose verdict may change from fp32 to bf16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

@@ -317,7 +317,8 @@ class Trainer:
                      cfg.data, len(self.images), self.total_steps, cfg.batch_size,
                      self.total_steps / self.steps_per_epoch, "bf16" if self.options.bf16 else "fp32",
                      ", cached targets" if self.features.cached is not None else "",
-                     "on" if cfg.ilm else "off", self.ilm_row if self.ilm_row in ILM_SETTINGS else "carpet, the default",
+                     "on" if cfg.ilm else "off",
+                     self.ilm_row if self.ilm_row in ILM_SETTINGS else "carpet, the default",
                      "on" if cfg.flm else "off")
         self.model.train()
         report_every = max(1, self.total_steps // PROGRESS_LINES)
@@ -334,7 +335,8 @@ class Trainer:
                     rate = done * cfg.batch_size / max(time.perf_counter() - start, 1e-9)
                     recent = state.losses[-report_every:]
                     tqdm.write(f"step {state.step}/{self.total_steps}  loss {np.mean(recent):.4f}  "
-                               f"{rate:.1f} images/s  eta {(self.total_steps - state.step) * cfg.batch_size / rate:.0f} s")
+                               f"{rate:.1f} images/s  "
+                               f"eta {(self.total_steps - state.step) * cfg.batch_size / rate:.0f} s")
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
                     self.save()
         except KeyboardInterrupt:

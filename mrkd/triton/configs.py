@@ -179,7 +179,8 @@ def render_configs(image_size: int, opts: ExportOptions, version: int | None = N
     names = model_names(opts.name)
     s, m = image_size, opts.map_size
     prepared = _tensor(wire.PREPARED, "TYPE_UINT8", f"3, {s}, {s}")
-    raw_score, raw_map = _tensor(wire.OUTPUT_RAW_SCORE, "TYPE_FP32", "1"), _tensor(wire.RAW_MAP, "TYPE_FP32", f"{m}, {m}")
+    raw_score = _tensor(wire.OUTPUT_RAW_SCORE, "TYPE_FP32", "1")
+    raw_map = _tensor(wire.RAW_MAP, "TYPE_FP32", f"{m}, {m}")
     cpu_one = "instance_group [ { count: %d kind: KIND_CPU } ]"
     kind = "KIND_GPU" if opts.device == "gpu" else "KIND_CPU"
     batching = _dynamic_batching(opts)

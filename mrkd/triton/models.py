@@ -14,7 +14,8 @@ problem, and the other requests of the same batch are answered normally.
 Error codes say whose fault it was, because clients act on them: INVALID_ARG only for a bad input (an image that
 cannot be decoded, too many pixels, a missing input): retrying it elsewhere cannot help. A failure on the server's
 side (the forward pass raised, an unexpected exception, a CUDA out-of-memory) is INTERNAL (UNAVAILABLE for out of
-memory, which may pass): the same request may well succeed on another server, and clients retry it there. The detector concatenates the batch into
+memory, which may pass): the same request may well succeed on another server, and clients retry it there.
+The detector concatenates the batch into
 one forward pass and splits the results. Feature maps never leave the detector process; what crosses processes is
 uint8 images and the (resized) float32 anomaly map.
 """
