@@ -13,6 +13,8 @@ import pytest
 import torch
 from helpers import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # each command in its own process, two of them training
+
 # 64 px, random teacher, 8 images: a real calibrated checkpoint in a few seconds
 TINY = ["--data", "textures:brick", "--no-pretrained", "--batch-size", "4", "--image-size", "64",
         "--max-train-images", "8", "--save-every", "0", "--threads", "1"]

@@ -18,7 +18,7 @@ import pytest
 from helpers import REPO_ROOT, start_serve
 from PIL import Image
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # trains in a subprocess first
 
 # A few steps at 64 px: enough for a real, calibrated checkpoint; the accuracy is not what these tests are about.
 TRAIN = ["--data", "elpv:mono", "--steps", "3", "--batch-size", "4", "--image-size", "64",

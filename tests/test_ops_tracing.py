@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mrkd.ops import anomaly_map_reference, native_available
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="mrkd._C is not built")
+pytestmark = [pytest.mark.skipif(not native_available(), reason="mrkd._C is not built"), pytest.mark.slow]  # compiles
 
 SHAPES = [(64, 16, 16), (128, 8, 8), (256, 4, 4)]
 

@@ -121,6 +121,7 @@ def test_evaluate_refuses_a_truncated_checkpoint(trained, tmp_path, caplog):
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_with_gloo(tmp_path):
     import os
     import subprocess
