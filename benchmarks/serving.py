@@ -110,6 +110,7 @@ def random_checkpoint(backbone: str, image_size: int, images: list[np.ndarray], 
 
 
 def encoded_cells(count: int) -> list[bytes]:
+    """The first `count` real ELPV cells as PNG bytes (what a camera client sends)."""
     records = open_dataset("elpv:mono").test[:count]
     out = []
     for record in records:
@@ -145,6 +146,7 @@ def server_cpu_seconds() -> float:
 
 
 def bench_network(detector: Detector, x: torch.Tensor, seconds: float) -> Measurement:
+    """Images/s and CPU ms/image of the detector's network alone on one batch, for `seconds`."""
     calls, elapsed, latencies, cpu = timed(lambda: detector.network(x), seconds)
     return Measurement("network", calls * len(x), elapsed, latencies, cpu)
 
@@ -203,14 +205,17 @@ def bench_triton(url: str, model: str, encoded: list[bytes], concurrency: int, s
 
 
 def int_list(text: str) -> list[int]:
+    """argparse type: "1,8,16" -> [1, 8, 16]."""
     return [int(v) for v in text.split(",") if v.strip()]
 
 
 def runtime_list(text: str) -> list[RuntimeChoice]:
+    """argparse type: "torch,openvino:bf16" -> the runtime choices."""
     return [RuntimeChoice.parse(v.strip()) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="trained checkpoint (default: random weights of --backbone)")
     p.add_argument("--backbone", default="mobilenet_v2")
@@ -246,6 +251,7 @@ def ratio_table(title: str, columns: list[str], rows: dict[str, list[Measurement
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measures in-process and Triton throughput per runtime, side by side; returns the exit status."""
     args = parse_args(argv)
     device = "cuda" if args.device == "gpu" else "cpu"
     encoded = encoded_cells(args.images)

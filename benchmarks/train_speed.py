@@ -41,6 +41,7 @@ PATHS = {
 
 
 def measure(cfg: TrainConfig, options: StepOptions, steps: int, warmup: int, clock) -> dict:
+    """Images/s and the time per phase of a step on one path, after `warmup` steps."""
     start = clock()
     timer = PhaseTimer(clock=clock)
     trainer = Trainer(cfg, show_progress=False, options=options, timer=timer)
@@ -56,12 +57,14 @@ def measure(cfg: TrainConfig, options: StepOptions, steps: int, warmup: int, clo
 
 
 def loss_curve(cfg: TrainConfig, options: StepOptions, steps: int) -> list[float]:
+    """The losses of `steps` steps on one path (to compare old and new training)."""
     trainer = Trainer(cfg, show_progress=False, options=options)
     trainer.train_steps(until=steps)
     return trainer.state.losses
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the old and new training paths side by side and prints the ratios; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="elpv:mono")
     p.add_argument("--image-size", type=int, default=256)

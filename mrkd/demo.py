@@ -74,6 +74,7 @@ def write_camera_folders(cfg: TrainConfig, folder: Path, cameras: int) -> dict[s
 
 
 def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]]) -> dict[str, dict]:
+    """Per camera: frames, statuses, anomalous verdicts and how many verdicts match the true labels."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     summary: dict[str, dict] = {}
     for name, (_, labels) in feeds.items():
@@ -137,6 +138,7 @@ def preflight(out: Path, dashboard: str | None) -> str | None:
 
 
 def run(args: DemoOptions) -> int:
+    """The whole demo: preflight checks, training (or reuse), then serve_and_stream; returns the exit status."""
     out = user_path(args.out)
     budget = {"steps": args.steps} if args.steps else {}
     cfg = TrainConfig(out=str(out / "model"), **budget)

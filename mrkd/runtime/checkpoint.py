@@ -18,6 +18,7 @@ REQUIRED_KEYS = ("model_config", "state_dict", "calibration")
 
 
 def versions() -> dict[str, str]:
+    """The versions of mrkd, torch, torchvision and Python, recorded in every checkpoint."""
     import torchvision
 
     return {"mrkd": MRKD_VERSION, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),

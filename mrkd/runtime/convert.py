@@ -157,6 +157,7 @@ class NetworkManifest:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read in chunks (what a manifest ties a converted network to)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -165,6 +166,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def runtime_versions() -> dict[str, str]:
+    """The versions of torch, onnx, ONNX Runtime, OpenVINO and Python, recorded in a manifest."""
     import onnx
     import onnxruntime
     import openvino

@@ -35,6 +35,7 @@ class TestRun:
 
 
 def run_detector(detector: Detector, records: list[ImageRecord], show: bool = True) -> TestRun:
+    """Scores and maps of every test record, in batches; with the time per image."""
     scores, normalized, maps, seconds = [], [], [], 0.0
     bs = detector.batch_size
     hide_bar = not (show and sys.stderr.isatty())
@@ -63,6 +64,7 @@ def resized_masks(records: list[ImageRecord], size: int) -> np.ndarray:
 
 
 def compute_metrics(run: TestRun, has_masks: bool, image_size: int) -> dict:
+    """Image AUROC, and with masks pixel AUROC and both AU-PRO protocols, plus counts and timing."""
     labels = np.array([r.label for r in run.records])
     metrics = {
         "image_auroc": image_auroc(labels, run.scores),
@@ -83,6 +85,7 @@ def compute_metrics(run: TestRun, has_masks: bool, image_size: int) -> dict:
 
 
 def write_reports(run: TestRun, detector: Detector, out: Path) -> None:
+    """scores.csv, roc.png and heat-map overlays of the worst false positives and negatives."""
     labels = np.array([r.label for r in run.records])
     with atomic_path(out / "scores.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -104,6 +107,7 @@ def write_reports(run: TestRun, detector: Detector, out: Path) -> None:
 
 
 def save_roc_plot(path: Path, labels: np.ndarray, scores: np.ndarray) -> None:
+    """The ROC curve with its AUROC, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,6 +130,7 @@ def save_roc_plot(path: Path, labels: np.ndarray, scores: np.ndarray) -> None:
 
 def evaluate(checkpoint: str | Path, data: str, out: str | Path, category: str | None = None,
              seed: int | None = None, device: str = "cpu", batch_size: int = 16, show_progress: bool = True) -> dict:
+    """Metrics of a checkpoint on a dataset's test split (the training split's seed by default), written to `out`."""
     out = user_path(out)
     payload = load_checkpoint(checkpoint)
     train_config = payload.get("train_config") or {}

@@ -80,6 +80,7 @@ class StepOptions:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; other names as torch spells them."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -95,6 +96,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast: asked for, or auto on CUDA and on CPUs with native bf16."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
@@ -103,6 +105,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def setup_distributed(device: torch.device) -> Distributed:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, else gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
@@ -130,6 +133,7 @@ def corrupt_batch(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of the training images in one epoch."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
@@ -202,6 +206,7 @@ def refresh_batchnorm(restorer: FeatureRestorer, features: TeacherFeatures, batc
 
 
 def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimizer, calibration) -> dict:
+    """What a checkpoint holds: network, configs, optimizer, calibration (None mid-run), step, losses."""
     return {
         "model_config": cfg.model_config().to_dict(),
         "train_config": cfg.to_dict(),
@@ -214,6 +219,7 @@ def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimiz
 
 
 def calibrate(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor, device: torch.device) -> Calibration:
+    """The calibration fitted on the raw scores of held-out normal images."""
     detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size)
     scores = torch.cat([detector.raw_maps(images[i : i + cfg.batch_size])[1].cpu()
                         for i in range(0, len(images), cfg.batch_size)])
@@ -388,6 +394,7 @@ def _smooth(values: list[float], window: int = 25) -> list[float]:
 
 
 def resume_into(path: Path, model: MRKDModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> TrainState:
+    """Loads a run's checkpoint into the model and optimizer; refuses one of another configuration."""
     data = load_checkpoint(path, for_inference=False)
     saved = ModelConfig.from_dict(data["model_config"])
     if saved != cfg.model_config():
