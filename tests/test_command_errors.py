@@ -4,6 +4,7 @@ user types it; the failures are real ones (a network whose weights are NaN, an a
 not stand-ins."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO_ROOT
+
+from mrkd.core.config import TrainConfig
 
 pytestmark = pytest.mark.slow  # each command in its own process, two of them training
 
@@ -57,6 +60,19 @@ def test_train_non_finite_scores_while_calibrating_is_one_line(tmp_path: Path):
     (NonFiniteScoreError, a RuntimeError): a run-time failure, exit 1."""
     result = command("mrkd.train", *TINY, "--steps", "1", "--lr", "1e30", "--out", str(tmp_path / "run"))
     one_line_error(result, 1, "NaN/Inf anomaly scores")
+
+
+def test_train_names_flags_where_the_library_names_parameters(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The library says `ilm_category`; the command says `--ilm-category`."""
+    from mrkd.runtime.training import ilm_row
+    from mrkd.train import main as train_main
+
+    with pytest.raises(ValueError, match="^ilm_category 'nonsense' is not one of"):
+        ilm_row(TrainConfig(ilm_category="nonsense"), "brick")
+    with caplog.at_level(logging.ERROR):
+        assert train_main([*TINY, "--steps", "1", "--ilm-category", "nonsense", "--out", str(tmp_path / "a")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.getMessage().startswith("error:")]
+    assert errors == [errors[0]] and errors[0].startswith("error: --ilm-category 'nonsense' is not one of"), errors
 
 
 def test_train_bad_dataset_is_a_usage_error(tmp_path: Path):

@@ -183,7 +183,7 @@ def test_missing_torchvision_weights_name_the_file(tmp_path, monkeypatch):
         MRKDModel("wide_resnet50_2", teacher=load_backbone("wide_resnet50_2"))
     message = str(info.value)
     assert "wide_resnet50_2-95faca4d.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
-    assert "--weights" in message
+    assert "pass its path as weights" in message  # the parameter; mrkd.train says --weights
     with pytest.raises(MissingWeightsError, match="nowhere.pth"):
         load_backbone("resnet18", weights=tmp_path / "nowhere.pth")
     with pytest.raises(FileNotFoundError):  # MissingWeightsError is a FileNotFoundError

@@ -305,14 +305,14 @@ def test_bf16_check_names_unusable_calibration_images(tiny_checkpoint, calibrati
     data = load_checkpoint(tiny_checkpoint)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(NetworkRuntimeError, match="--calibration-images .*empty: no .png.* images there"):
+    with pytest.raises(NetworkRuntimeError, match="calibration_images .*empty: no .png.* images there"):
         prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=empty, show=False)
     broken = tmp_path / "broken"
     shutil.copytree(calibration_folder, broken)
     (broken / "cell007.png").write_bytes(b"not a png at all")
     with pytest.raises(NetworkRuntimeError, match="precision check cannot be used: .*cell007.png"):
         prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=broken, show=False)
-    with pytest.raises(NetworkRuntimeError, match="--recalibrate applies to --precision bf16"):
+    with pytest.raises(NetworkRuntimeError, match="recalibrate applies to precision bf16"):
         prepare_network(tiny_checkpoint, data, "onnxruntime", "fp32", recalibrate=True, show=False)
 
 
@@ -345,7 +345,7 @@ def test_bf16_limit_on_the_elpv_test_split(tiny_checkpoint):
         assert report.auroc_reduced == pytest.approx(roc_auc_score(labels, bf16_scores), abs=1e-9)
         assert report.max_score_change == pytest.approx(
             np.max(np.abs(bf16_scores - fp32_scores)) / calibration.threshold)
-    with pytest.raises(NetworkRuntimeError, match="pass --calibration-images"):
+    with pytest.raises(NetworkRuntimeError, match="pass calibration_images"):
         check_images({"data": "/nowhere/mvtec", "category": "bottle"}, None)
 
 

@@ -7,7 +7,7 @@ options, `FileNotFoundError` for missing files, `RuntimeError` for a failure whi
 exit 2 for a usage error (bad options, files or data: the `ValueError` and `FileNotFoundError` kind), 1 for a
 failure at run time.
 
-Library messages name the parameter (`max_batch_size must be at least 1`); `OptionError.parameters` lists the
+Library messages name the parameter (`max_batch_size must be at least 1`); `MRKDError.parameters` lists the
 parameters a message names, so that a command can say its flag instead (`--max-batch-size must be at least 1`).
 """
 from __future__ import annotations
@@ -20,17 +20,18 @@ RUNTIME_EXIT = 1
 
 
 class MRKDError(Exception):
-    """An anticipated failure of mrkd: commands print its message as one line."""
+    """An anticipated failure of mrkd: commands print its message as one line. `parameters`: the names of the
+    parameters the message uses (a command says its flags instead, see message_for_cli)."""
 
     exit_code: int | None = None  # None: decided by the builtin mixin (see exit_status)
 
-
-class OptionError(MRKDError, ValueError):
-    """A parameter value that cannot work. `parameters` are the parameter names the message uses."""
-
-    def __init__(self, message: str, *parameters: str) -> None:
+    def __init__(self, message: str = "", *parameters: str) -> None:
         super().__init__(message)
         self.parameters = parameters
+
+
+class OptionError(MRKDError, ValueError):
+    """A parameter value that cannot work (a usage error)."""
 
 
 def exit_status(exc: BaseException) -> int:

@@ -234,7 +234,7 @@ def load_runner(model: nn.Module, config: ModelConfig, runtime: str = "torch", p
             return _load_converted(runtime, precision, Path(tmp), threads)
     folder = Path(network_dir)
     manifest = NetworkManifest.read(folder)
-    fix = f"re-export with --runtime {runtime} --precision {precision}"
+    fix = f"re-export it for them (python -m mrkd.export --runtime {runtime} --precision {precision})"
     if manifest is None:
         raise NetworkRuntimeError(f"no {MANIFEST_FILE} in {folder}: the network was not converted for {runtime}; {fix}")
     if manifest.runtime != runtime or manifest.precision != precision:

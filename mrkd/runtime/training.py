@@ -36,6 +36,7 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from ..core.config import ModelConfig, TrainConfig
+from ..core.errors import OptionError
 from ..core.files import user_path, write_json
 from ..core.preprocess import normalize, prepare_image
 from ..data import ImageRecord, open_dataset
@@ -98,7 +99,7 @@ def cpu_has_native_bf16() -> bool:
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether to train under bf16 autocast: asked for, or auto on CUDA and on CPUs with native bf16."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
     if precision == "auto":
         return device.type == "cuda" or cpu_has_native_bf16()
     return precision == "bf16"
@@ -230,7 +231,8 @@ def ilm_row(cfg: TrainConfig, data_category: str) -> str | None:
     """The ILM table row: --ilm-category, else the MVTec category, else the measured default for a built-in source,
     else the data's category name (unknown names get the default row)."""
     if cfg.ilm_category and cfg.ilm_category not in ILM_SETTINGS:
-        raise ValueError(f"--ilm-category {cfg.ilm_category!r} is not one of {', '.join(sorted(ILM_SETTINGS))}")
+        raise OptionError(f"ilm_category {cfg.ilm_category!r} is not one of {', '.join(sorted(ILM_SETTINGS))}",
+                          "ilm_category")
     return cfg.ilm_category or cfg.category or ilm_row_for_source(cfg.data) or data_category
 
 

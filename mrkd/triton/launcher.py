@@ -103,9 +103,12 @@ def find_triton() -> TritonInstall:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS picks it)."""
+    """A TCP port free on `host` right now (the OS picks it); ServerError naming the host when it cannot be used."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:
+            raise ServerError(f"cannot listen on host {host!r}: {exc.strerror or exc}", "host") from exc
         return sock.getsockname()[1]
 
 

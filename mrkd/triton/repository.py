@@ -45,7 +45,7 @@ def export(checkpoint: str | Path, repo: str | Path, opts: ExportOptions, versio
     try:
         data = load_checkpoint(checkpoint)  # the same checks the server will make, before anything is written
     except CheckpointError as exc:
-        raise ExportError(f"cannot export: {exc}") from exc
+        raise ExportError(f"cannot export: {exc}", *exc.parameters) from exc
     if checkpoint.is_dir():
         checkpoint = checkpoint / CHECKPOINT_FILE
     model_config = ModelConfig.from_dict(data["model_config"])
@@ -56,7 +56,7 @@ def export(checkpoint: str | Path, repo: str | Path, opts: ExportOptions, versio
         network = prepare_network(checkpoint, data, opts.detector_runtime, opts.detector_precision, opts.device,
                                   opts.calibration_images, opts.recalibrate)
     except NetworkRuntimeError as exc:
-        raise ExportError(f"cannot export: {exc}") from exc
+        raise ExportError(f"cannot export: {exc}", *exc.parameters) from exc
     calibration = network.calibration
     try:
         repo.mkdir(parents=True, exist_ok=True)
