@@ -2,13 +2,12 @@
 
 Examples:
   python -m mrkd.evaluate --checkpoint runs/elpv-mono/checkpoint.pt --data elpv:mono --out runs/elpv-mono/eval
-  python -m mrkd.evaluate --checkpoint runs/bottle/checkpoint.pt --data /data/mvtec --category bottle \
-      --out runs/bottle/eval
+  python -m mrkd.evaluate --checkpoint runs/bottle/checkpoint.pt --data /data/mvtec --category bottle --out runs/bottle/eval
 
 Writes <out>/metrics.json (image_auroc, pixel_auroc, aupro, aupro_per_image, n_normal, n_anomalous,
 ms_per_image), <out>/scores.csv, <out>/roc.png and heat-map overlays of the worst false positives and negatives.
 The split is the one training used: the seed defaults to the checkpoint's training seed.
-"""
+"""  # noqa: E501 (the examples are whole command lines)
 from __future__ import annotations
 
 import argparse
