@@ -154,13 +154,18 @@ def faulty_served_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     shutil.rmtree(repo, ignore_errors=True)
 
 
-# Tests that start a tritonserver through these fixtures are marked `triton` here; tests that start one themselves
-# (TritonServer, start_serve) carry the mark in their own file. pytest.ini registers the markers.
+# Tests that start a tritonserver through these fixtures are marked `triton` here, and tests that need a model
+# trained first (tiny_checkpoint, test_train's `trained`: ~15 s) `slow`; tests that start a server or take long
+# themselves carry the mark in their own file. pytest.ini registers the markers.
 TRITON_FIXTURES = {"served_model", "faulty_served_model", "runtime_server"}
+SLOW_FIXTURES = {"tiny_checkpoint", "trained"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Marks every test that uses a served-model fixture (directly or through another fixture) `triton`."""
+    """Marks the tests that use those fixtures (directly or through another fixture)."""
     for item in items:
-        if TRITON_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        if TRITON_FIXTURES & used:
             item.add_marker(pytest.mark.triton)
+        if SLOW_FIXTURES & used:
+            item.add_marker(pytest.mark.slow)

@@ -70,6 +70,7 @@ def test_wide_resnet50_2_bottleneck_has_the_papers_shapes():
     assert model.bottleneck.stage[0].conv1.in_channels == 3072 and model.bottleneck.stage[0].conv2.out_channels == 1024
 
 
+@pytest.mark.slow
 def test_flm_structure_and_rd4ad_mode():
     rd4ad = MRKDModel("mobilenet_v2", flm=False)
     assert rd4ad.generation is None
@@ -94,6 +95,7 @@ def capture_generation_inputs(model: MRKDModel) -> tuple[list[torch.Tensor], lis
     return captured, hooks
 
 
+@pytest.mark.slow
 def test_training_mask_is_a_side_branch_shared_by_channels():
     model = MRKDModel("mobilenet_v2", flm=True, flm_ratio=0.2).train()
     x = torch.randn(3, 3, 128, 128)
@@ -121,6 +123,7 @@ def test_training_mask_is_a_side_branch_shared_by_channels():
         assert len({tuple(d.flatten().tolist()) for d in dropped}) == 3  # independent per sample
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_unless_inference_mask():
     x = torch.randn(2, 3, 64, 64)
     model = MRKDModel("mobilenet_v2").eval()
@@ -133,6 +136,7 @@ def test_eval_is_deterministic_unless_inference_mask():
     assert not torch.equal(third[0], fourth[0])
 
 
+@pytest.mark.slow
 def test_from_config_and_target_batch():
     cfg = ModelConfig(backbone="mobilenet_v2", flm=False, flm_ratio=0.3)
     model = MRKDModel.from_config(cfg).eval()
@@ -148,6 +152,7 @@ def test_from_config_and_target_batch():
         model(torch.randn(1, 3, 48, 64))
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_same_features():
     model = MRKDModel("efficientnet_lite0").eval()
     x = torch.randn(2, 3, 64, 64)
@@ -209,6 +214,7 @@ def test_torchvision_weights_come_from_the_hub_cache_or_a_path(tmp_path, monkeyp
         load_backbone("resnet18", weights=tmp_path / "broken.pth")
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_weights_classify_real_photos():
     classifier = imagenet_classifier("efficientnet_lite0")
     x = photos(224, ("chelsea", "coffee"))
@@ -321,6 +327,7 @@ def _relu_floor(teacher_feats: list[torch.Tensor]) -> float:
                      for f in teacher_feats))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED_CHANNELS))
 def test_student_in_rd4ad_mode_can_reproduce_the_teachers_sign_pattern(name):
     """A short fit on one batch goes well below the loss floor that a final ReLU would impose on signed taps."""

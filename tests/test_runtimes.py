@@ -105,6 +105,7 @@ def test_fp32_runtime_scores_match_torch_on_real_images(runtime, tiny_checkpoint
     assert np.ptp(want.scores) > 100 * FP32_TOL * np.abs(want.scores).max()  # the images are not all alike
 
 
+@pytest.mark.slow  # an ONNX export and two runtimes per backbone
 @pytest.mark.parametrize("backbone,image_size", [("mobilenet_v2", 96), ("resnet18", 64),
                                                  ("efficientnet_lite0", 96)])
 def test_converted_networks_match_the_torch_module_on_any_batch(backbone, image_size, tmp_path):
@@ -138,6 +139,7 @@ def test_bf16_runs_in_bf16_and_stays_close(runtime, tiny_checkpoint):
     assert 1e-4 < error < 0.1, error  # really reduced precision (not fp32 in disguise), yet close
 
 
+@pytest.mark.slow  # converts a network per runtime
 @pytest.mark.parametrize("runtime", ["torch", *FP32_RUNTIMES])
 def test_every_runtime_refuses_nan_and_inf_input(runtime):
     """OpenVINO's clamps turn NaN input into finite features (seen here): no runtime may be fed one."""

@@ -147,7 +147,7 @@ def test_product_names_prefix_every_model_and_configs_follow_options():
     assert all("max_batch_size: 8\n" in text for text in configs.values())
     with pytest.raises(ExportError, match="name must match"):
         render_configs(64, ExportOptions(name="bad name"))
-    with pytest.raises(ExportError, match="map-dtype"):
+    with pytest.raises(ExportError, match="map_dtype must be one of"):
         render_configs(64, ExportOptions(map_dtype="fp64"))
 
 
