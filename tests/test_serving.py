@@ -201,6 +201,7 @@ def test_serving_an_unexported_repository_fails_with_the_export_command(tmp_path
 # ---------------------------------------------------------------------------------------------------- real server
 
 
+@pytest.mark.triton
 def test_model_that_fails_to_load_makes_serve_exit_nonzero_with_the_server_error(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
     names = export(tiny_checkpoint, repo, ExportOptions(name="broken")).models
