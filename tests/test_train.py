@@ -56,6 +56,7 @@ def test_resume_continues_exactly(trained, tmp_path):
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 
 
+@pytest.mark.slow  # trains a model
 def test_rd4ad_mode_has_no_generation_blocks(tmp_path):
     data = load_checkpoint(train(tiny(tmp_path, steps=2, ilm=False, flm=False), show_progress=False))
     assert not any(k.startswith("generation.") for k in data["state_dict"])
@@ -151,6 +152,7 @@ def test_budget_is_optimizer_steps_whatever_the_data_size():
     assert TrainConfig(epochs=1, batch_size=16).total_steps(8) == 1  # a set smaller than a batch: one step
 
 
+@pytest.mark.slow  # trains a model
 def test_batchnorm_statistics_are_those_of_the_trained_network(tmp_path):
     """After only 2 steps an exponential running mean would still be 81% its initial zeros; the statistics used at
     test time must be the training images' own."""
@@ -170,6 +172,7 @@ def test_batchnorm_statistics_are_those_of_the_trained_network(tmp_path):
     torch.testing.assert_close(running_mean, expected_mean, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # trains a model
 def test_cached_teacher_targets_train_exactly_like_computing_them_every_step(tmp_path):
     from mrkd.runtime.training import StepOptions, Trainer
 
