@@ -20,16 +20,19 @@ KERNELS = "kernels"
 
 
 def build_cuda_kernel() -> bool:
+    """Whether to build the CUDA kernel: a CUDA build of torch and a toolkit, unless MRKD_CPU_ONLY=1."""
     if os.environ.get("MRKD_CPU_ONLY", "0") == "1":
         return False
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
 def relative_sources(pattern: str) -> list[str]:
+    """The kernel sources matching `pattern`, relative to the repository root."""
     return sorted(str(Path(p).relative_to(ROOT)) for p in glob(str(ROOT / KERNELS / pattern)))
 
 
 def make_extension():
+    """The mrkd._C extension: C++ kernels, and the CUDA one where it can be built."""
     sources = relative_sources("*.cpp") + relative_sources("cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]

@@ -76,6 +76,7 @@ class Run:
 
 
 def plan(study: str, seeds: list[int], sets: list[str]) -> list[Run]:
+    """The runs of a study: MRKD vs RD4AD (and the ablation on its sets), or the two ILM rows, per set and seed."""
     if study == "ilm-rows":
         return [Run(d, v, s) for d in sets for v in ("MRKD, carpet row", "MRKD, tile row") for s in seeds]
     runs = [Run(d, v, s) for d in sets for v in ("MRKD", "RD4AD") for s in seeds]
@@ -113,6 +114,7 @@ def execute(run: Run, root: Path, extra: list[str]) -> dict:
 
 
 def read_scores(path: Path) -> dict[str, tuple[int, float]]:
+    """scores.csv of an evaluation -> {image name: (label, raw score)}."""
     with path.open() as fh:
         return {row["name"]: (int(row["label"]), float(row["raw_score"])) for row in csv.DictReader(fh)}
 
@@ -143,6 +145,7 @@ def paired_bootstrap(a: list[dict], b: list[dict], resamples: int = BOOTSTRAP_RE
 
 
 def summary(values: list[float | None]) -> str:
+    """Mean over the seeds with the lowest and highest in brackets; "-" when there is none."""
     present = [v for v in values if v is not None]
     if not present:
         return "-"
@@ -151,6 +154,7 @@ def summary(values: list[float | None]) -> str:
 
 def write_markdown(results: dict[Run, dict], runs: list[Run], seeds: list[int], path: Path, study: str,
                    root: Path, extra: list[str], argv: list[str]) -> None:
+    """Writes the study's table (means, seed ranges, paired bootstrap CIs) and the commands behind it."""
     by_row: dict[tuple[str, str], list[dict]] = {}
     seeds_of: dict[tuple[str, str], list[int]] = {}
     for run in runs:
@@ -207,6 +211,7 @@ def write_markdown(results: dict[Run, dict], runs: list[Run], seeds: list[int], 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs (or resumes) the study's training and evaluation runs and writes its report; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", choices=["main", "ilm-rows"], default="main")
     p.add_argument("--sets", default=",".join(SETS))

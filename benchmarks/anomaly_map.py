@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +56,7 @@ class Row:
 
 
 def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA), so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -94,6 +94,7 @@ def measure_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, rep
 
 
 def make_features(batch: int, dtype: torch.dtype, device: torch.device):
+    """Seeded teacher and student features of the benchmarked shapes for one batch."""
     g = torch.Generator(device=device).manual_seed(0)
     teacher = [torch.randn(batch, *s, generator=g, device=device).to(dtype) for s in WRN50_256PX_SHAPES]
     student = [(t.float() + 0.3 * torch.randn(t.shape, generator=g, device=device)).to(dtype) for t in teacher]
@@ -101,6 +102,7 @@ def make_features(batch: int, dtype: torch.dtype, device: torch.device):
 
 
 def bench_batch(batch: int, dtype: torch.dtype, device: torch.device, repeats: int, slow_repeats: int) -> Row:
+    """Times the fused operator and the eager references on one batch size, side by side."""
     teacher, student = make_features(batch, dtype, device)
     feature_bytes = sum(t.numel() * t.element_size() for t in teacher + student)
     fused = time_call(lambda: ops.anomaly_map(teacher, student, OUT_SIZE, SIGMA), device, repeats)
@@ -124,6 +126,7 @@ def bench_batch(batch: int, dtype: torch.dtype, device: torch.device, repeats: i
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    """Writes the results as JSON atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -132,6 +135,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def main() -> None:
+    """Parses the options, runs every batch size and prints (and saves) the ratios."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -89,6 +89,7 @@ def dashboard_cpu(base: str) -> float | None:
 
 
 def answered_lines(path: Path) -> int:
+    """How many frames of a results file were answered (status ok); 0 while it does not exist."""
     try:
         return path.read_bytes().count(b'"status":"ok"')
     except OSError:
@@ -96,6 +97,7 @@ def answered_lines(path: Path) -> int:
 
 
 def tiny_checkpoint(folder: Path) -> Path:
+    """A small real checkpoint to serve (ELPV, 64 px, one epoch on 8 images), trained into `folder`."""
     from mrkd.core.config import TrainConfig
     from mrkd.runtime.training import train
 
@@ -140,6 +142,7 @@ class Viewer(threading.Thread):
 
 
 def client_command(url: str, cameras: list[str], out: Path, seconds: float, extra: list[str]) -> list[str]:
+    """The `python -m client` command line for synthetic cameras for `seconds`."""
     command = [sys.executable, "-m", "client", "--url", url, "--loop", "--duration", str(seconds), "--out", str(out),
                "--progress", "none", *extra]
     for i, spec in enumerate(cameras):
@@ -190,6 +193,7 @@ def run_client(url: str, cameras: list[str], seconds: float, dashboard: bool, wo
 
 
 def measure_cost(url: str, args: argparse.Namespace, work: Path) -> None:
+    """Throughput of the client without and with --dashboard, alternating, and prints the ratio."""
     cameras = [f"synthetic:size={args.frame_size},seed={i}" for i in range(args.cameras)]
     print(f"cost: {args.cameras} closed-loop cameras ({args.frame_size} px synthetic frames), {args.rounds} rounds "
           f"of {args.seconds:g} s without and with --dashboard (order flips every round)", flush=True)
@@ -241,6 +245,7 @@ new MutationObserver(() => { window.__probe.updates += 1; })
 
 
 def measure_page(url: str, args: argparse.Namespace, work: Path) -> None:
+    """Eight live cameras with the page open in headless Chromium: what the page shows and costs."""
     cameras = [f"synthetic:size={args.frame_size},seed={i}" for i in range(8)]
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
@@ -309,6 +314,7 @@ def watch_page(base: str, seconds: float, screenshot: Path) -> None:
 
 
 def measure_page_all_answered(args: argparse.Namespace, work: Path) -> None:
+    """The page's cost when every frame is answered at once (no server): the dashboard alone."""
     import numpy as np
 
     from client.dashboard import Dashboard
@@ -360,6 +366,7 @@ def measure_page_all_answered(args: argparse.Namespace, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the measurements the options ask for; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: train a tiny model here (~15 s)")
     p.add_argument("--cameras", type=int, default=4, help="closed-loop cameras for the cost runs")

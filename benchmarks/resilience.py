@@ -41,11 +41,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import alive, descendants, start_serve, tritonserver_of  # noqa: E402  (tests/helpers.py)
+
 from mrkd.triton.launcher import free_port  # noqa: E402
 from mrkd.triton.repository import ExportOptions, export  # noqa: E402
 
 
 def tiny_checkpoint(work: Path) -> Path:
+    """A small real checkpoint to serve (ELPV, 64 px, one epoch on 8 images), trained into `work`/tiny."""
     from mrkd.core.config import TrainConfig
     from mrkd.runtime.training import train
 
@@ -87,6 +89,7 @@ class Serve:
 
 
 def export_product(checkpoint: Path, repo: Path, encoded_only: bool = False) -> dict[str, str]:
+    """Exports the checkpoint into `repo` (only the encoded-image ensemble when `encoded_only`)."""
     result = export(checkpoint, repo, ExportOptions(name="mrkd", device="cpu"))
     if encoded_only:
         for role in ("raw_ensemble", "frame_preprocess"):
@@ -95,6 +98,7 @@ def export_product(checkpoint: Path, repo: Path, encoded_only: bool = False) -> 
 
 
 def counts(out: Path, read: int) -> dict[str, int]:
+    """Frames read, answered, errors and lost, from a client's results file."""
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
     frames = [r for r in records if "frame" in r]
     answered = sum(r["status"] in ("ok", "invalid_score") for r in frames)
@@ -154,10 +158,12 @@ class Client:
 
 
 def retry_args(args: argparse.Namespace) -> list[str]:
+    """The client's --retry-timeout option when one was given."""
     return [] if args.retry_timeout is None else ["--retry-timeout", str(args.retry_timeout)]
 
 
 def client_command(urls: list[str], out: Path, camera: str, extra: list[str]) -> list[str]:
+    """The `python -m client` command line for one camera and the given servers."""
     command = [sys.executable, "-m", "client", "--camera", camera, "--out", str(out), "--progress", "plain",
                "--progress-interval", "5", *extra]
     for url in urls:
@@ -166,6 +172,7 @@ def client_command(urls: list[str], out: Path, camera: str, extra: list[str]) ->
 
 
 def restart(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
+    """The only server SIGKILLed and restarted on its ports while a camera streams: what the client lost."""
     repo = work / "restart_repo"
     export_product(checkpoint, repo)
     ports = (free_port(), free_port(), free_port())
@@ -204,6 +211,7 @@ def restart(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
 
 
 def failing_server(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
+    """Two servers, one failing every forward pass: the frames retried on the other and what was lost."""
     from conftest import FAULTY_DETECTOR  # the test suite's fault injection (a real DetectorModel that can fail)
 
     repo_a, repo_b = work / "repo_a", work / "repo_b"
@@ -253,6 +261,7 @@ def failing_server(args: argparse.Namespace, checkpoint: Path, work: Path) -> di
 
 
 def orphans(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
+    """SIGKILLs mrkd.serve and counts the processes it leaves behind (there should be none)."""
     repo = work / "orphans_repo"
     export_product(checkpoint, repo)
     server = Serve(repo, (free_port(), free_port(), free_port()), work / "orphans_server.log").start()
@@ -272,6 +281,7 @@ def orphans(args: argparse.Namespace, checkpoint: Path, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the scenarios the options name and prints their figures; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=["restart", "failing-server", "orphans", "all"])
     p.add_argument("--checkpoint", type=Path, help="default: train a tiny model first")

@@ -46,8 +46,9 @@ from mrkd.data import open_dataset  # noqa: E402
 from mrkd.model.network import MRKDModel  # noqa: E402
 from mrkd.runtime.calibration import Calibration  # noqa: E402
 from mrkd.runtime.checkpoint import save_checkpoint  # noqa: E402
+from mrkd.runtime.convert import max_relative_error, verification_batch  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
-from mrkd.runtime.network_runtime import PRECISIONS, RUNTIMES, max_relative_error, verification_batch  # noqa: E402
+from mrkd.runtime.runners import PRECISIONS, RUNTIMES  # noqa: E402
 from mrkd.triton.launcher import TritonServer  # noqa: E402
 from mrkd.triton.repository import ExportOptions, export  # noqa: E402
 
@@ -109,6 +110,7 @@ def random_checkpoint(backbone: str, image_size: int, images: list[np.ndarray], 
 
 
 def encoded_cells(count: int) -> list[bytes]:
+    """The first `count` real ELPV cells as PNG bytes (what a camera client sends)."""
     records = open_dataset("elpv:mono").test[:count]
     out = []
     for record in records:
@@ -144,6 +146,7 @@ def server_cpu_seconds() -> float:
 
 
 def bench_network(detector: Detector, x: torch.Tensor, seconds: float) -> Measurement:
+    """Images/s and CPU ms/image of the detector's network alone on one batch, for `seconds`."""
     calls, elapsed, latencies, cpu = timed(lambda: detector.network(x), seconds)
     return Measurement("network", calls * len(x), elapsed, latencies, cpu)
 
@@ -202,14 +205,17 @@ def bench_triton(url: str, model: str, encoded: list[bytes], concurrency: int, s
 
 
 def int_list(text: str) -> list[int]:
+    """argparse type: "1,8,16" -> [1, 8, 16]."""
     return [int(v) for v in text.split(",") if v.strip()]
 
 
 def runtime_list(text: str) -> list[RuntimeChoice]:
+    """argparse type: "torch,openvino:bf16" -> the runtime choices."""
     return [RuntimeChoice.parse(v.strip()) for v in text.split(",") if v.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="trained checkpoint (default: random weights of --backbone)")
     p.add_argument("--backbone", default="mobilenet_v2")
@@ -224,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=32, help="distinct ELPV cells cycled through")
     p.add_argument("--instances", type=int, default=1, help="detector instances")
     p.add_argument("--preprocess-instances", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="per detector instance, every runtime (0 = cores / instances)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="per detector instance, every runtime (0 = cores / instances)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--preferred-batch-sizes", type=int_list, default=[])
@@ -244,6 +251,7 @@ def ratio_table(title: str, columns: list[str], rows: dict[str, list[Measurement
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measures in-process and Triton throughput per runtime, side by side; returns the exit status."""
     args = parse_args(argv)
     device = "cuda" if args.device == "gpu" else "cpu"
     encoded = encoded_cells(args.images)
@@ -305,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                     for label, model in models.items():
                         m = bench_triton(server.grpc_url, model, encoded, concurrency, args.seconds)
                         triton[label].append(m)
-                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s ({m.cpu_ms_per_image:6.1f} CPU "
+                        print(f"  {label:<20} {m.label:<24} {m.throughput:8.1f} images/s "
+                              f"({m.cpu_ms_per_image:6.1f} CPU "
                               f"ms per image)   latency p50 {m.percentile(50):7.1f} ms  p99 {m.percentile(99):7.1f} ms",
                               flush=True)
 

@@ -11,8 +11,9 @@ Paths (the method is the same in all of them; only how a step is computed change
                  bf16: AVX512-BF16 or AMX; `--precision fp32` elsewhere). This is what `mrkd.train` does.
 
 `--clock cpu --threads 1` times the process's CPU time instead of elapsed time: the ratios then hold on a machine
-that is busy with other work. Prints images/s per path (after `--warmup` steps; the one-time feature cache is reported apart), the time split of a
-step (data and ILM, teacher, student forward, backward + Adam), and the loss curves of old and new over
+that is busy with other work. Prints images/s per path (after `--warmup` steps; the one-time feature cache is
+reported apart), the time split of a step (data and ILM, teacher, student forward, backward + Adam), and the
+loss curves of old and new over
 `--curve-steps` steps (mean of each window of 25 steps) to show that the speed-up does not change training.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ PATHS = {
 
 
 def measure(cfg: TrainConfig, options: StepOptions, steps: int, warmup: int, clock) -> dict:
+    """Images/s and the time per phase of a step on one path, after `warmup` steps."""
     start = clock()
     timer = PhaseTimer(clock=clock)
     trainer = Trainer(cfg, show_progress=False, options=options, timer=timer)
@@ -55,12 +57,14 @@ def measure(cfg: TrainConfig, options: StepOptions, steps: int, warmup: int, clo
 
 
 def loss_curve(cfg: TrainConfig, options: StepOptions, steps: int) -> list[float]:
+    """The losses of `steps` steps on one path (to compare old and new training)."""
     trainer = Trainer(cfg, show_progress=False, options=options)
     trainer.train_steps(until=steps)
     return trainer.state.losses
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the old and new training paths side by side and prints the ratios; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="elpv:mono")
     p.add_argument("--image-size", type=int, default=256)

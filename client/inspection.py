@@ -35,28 +35,23 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from mrkd.core.preprocess import to_rgb
+from mrkd.core.wire import (INPUT_FRAME, INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_IS_ANOMALOUS,
+                            OUTPUT_RAW_SCORE, OUTPUT_SCORE, RAW_MODEL_SUFFIX, STATUS_INVALID_SCORE, STATUS_OK,
+                            decode_map)
 
 from .servers import Server, ServerPool
 
 ENCODINGS = ("jpeg", "png")
 TRANSPORTS = ("bytes", "raw", "shm")
 
-# Names in the serving contract (model_repository/, docs/serving.md).
-INPUT_IMAGE = "IMAGE"
-INPUT_FRAME = "FRAME"
-DEFAULT_RAW_MODEL_SUFFIX = "_raw"
-OUTPUT_SCORE = "SCORE"
-OUTPUT_RAW_SCORE = "RAW_SCORE"
-OUTPUT_IS_ANOMALOUS = "IS_ANOMALOUS"
-OUTPUT_ANOMALY_MAP = "ANOMALY_MAP"
+# Names in the serving contract: mrkd.core.wire.
+DEFAULT_RAW_MODEL_SUFFIX = RAW_MODEL_SUFFIX
 
 # A request rejected as malformed would be rejected by every server: not retried, and the server stays ready.
 # Every other failure is the server's: retried elsewhere, and the server gets no requests until a probe passes.
 _NOT_RETRIED = ("StatusCode.INVALID_ARGUMENT",)
 
 DEFAULT_RETRY_TIMEOUT = 60.0  # seconds a frame may wait for a ready server
-STATUS_OK = "ok"
-STATUS_INVALID_SCORE = "invalid_score"  # the server answered a NaN or infinite score: anomalous, flagged
 
 
 @dataclass
@@ -464,9 +459,7 @@ def _normalized_map(values: np.ndarray | None) -> np.ndarray | None:
     array = np.asarray(values)
     while array.ndim > 2:
         array = array[0]
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    return array.astype(np.float32)
+    return decode_map(array)
 
 
 def _retryable(error: BaseException) -> bool:

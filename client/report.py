@@ -24,8 +24,8 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-STATUS_OK = "ok"
-STATUS_INVALID_SCORE = "invalid_score"  # answered, but the score is not a number: recorded as anomalous
+from mrkd.core.wire import STATUS_INVALID_SCORE, STATUS_OK
+
 STATUS_DROPPED = "dropped"
 STATUS_ERROR = "error"
 STATUS_LATE = "late"  # answered from the spool once a server was back (capture_time and inspected_time)

@@ -107,6 +107,7 @@ def read_totals(path: str | Path) -> Totals:
 
 
 def plot_history(history: History, out: str | Path, title: str) -> Path:
+    """Draws throughput and users (top) and p50/p95/p99 (bottom) over the run; returns the PNG's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,6 +144,7 @@ def _ms(value: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Plots a locust run's history and prints its totals; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python loadtest/plot.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prefix", help="the --csv PREFIX given to locust")

@@ -23,26 +23,30 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .core.config import TrainConfig
-from .data import open_dataset
+from .core.errors import MRKDError
 from .core.files import user_path
+from .core.options import add_options, from_args, option, run_command
+from .core.wire import CHECKPOINT_FILE, STATUS_OK
+from .data import open_dataset
 from .runtime.checkpoint import CheckpointError, load_checkpoint
 from .runtime.evaluation import evaluate
 from .runtime.training import train
 from .runtime.visualize import save_png
 from .triton.launcher import ServerError, TritonServer, find_triton, free_port
-from .triton.repository import ExportError, ExportOptions, export
+from .triton.repository import ExportOptions, export
 
 log = logging.getLogger("mrkd.demo")
 
 
 def reusable_checkpoint(cfg: TrainConfig) -> Path | None:
     """A finished checkpoint of exactly this configuration from an earlier run, if there is one."""
-    path = Path(cfg.out) / "checkpoint.pt"
+    path = Path(cfg.out) / CHECKPOINT_FILE
     try:
         data = load_checkpoint(path)
     except CheckpointError:
@@ -70,11 +74,12 @@ def write_camera_folders(cfg: TrainConfig, folder: Path, cameras: int) -> dict[s
 
 
 def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]]) -> dict[str, dict]:
+    """Per camera: frames, statuses, anomalous verdicts and how many verdicts match the true labels."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     summary: dict[str, dict] = {}
     for name, (_, labels) in feeds.items():
         mine = [r for r in rows if r.get("camera") == name]
-        ok = [r for r in mine if r.get("status") == "ok"]
+        ok = [r for r in mine if r.get("status") == STATUS_OK]
         verdicts = [(r.get("verdict") == "anomalous", labels.get(Path(str(r.get("source", ""))).name)) for r in ok]
         correct = sum(int(flagged) == label for flagged, label in verdicts)
         summary[name] = {"frames": len(mine), "status": dict(Counter(r.get("status") for r in mine)),
@@ -99,8 +104,10 @@ def dashboard_address(requested: str) -> str:
             return f"{host}:{free_port(host)}"
 
 
-class PreflightError(RuntimeError):
-    """Something that would make the demo fail after training, found before it."""
+class PreflightError(MRKDError, RuntimeError):
+    """Something that would make the demo fail after training, found before it (a usage error: exit 2)."""
+
+    exit_code = 2
 
 
 def preflight(out: Path, dashboard: str | None) -> str | None:
@@ -130,16 +137,13 @@ def preflight(out: Path, dashboard: str | None) -> str | None:
     return address
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: DemoOptions) -> int:
+    """The whole demo: preflight checks, training (or reuse), then serve_and_stream; returns the exit status."""
     out = user_path(args.out)
     budget = {"steps": args.steps} if args.steps else {}
     cfg = TrainConfig(out=str(out / "model"), **budget)
     start = time.perf_counter()
-    try:
-        address = preflight(out, None if args.no_dashboard else args.dashboard)
-    except PreflightError as exc:
-        log.error("error: %s", exc)
-        return 2
+    address = preflight(out, None if args.no_dashboard else args.dashboard)
 
     checkpoint = None if args.retrain else reusable_checkpoint(cfg)
     if checkpoint:
@@ -150,13 +154,13 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = train(cfg)
     try:
         return serve_and_stream(args, cfg, out, checkpoint, address, start)
-    except (ExportError, ServerError, CheckpointError, ValueError, OSError) as exc:
+    except (MRKDError, ValueError, OSError) as exc:  # after training: a run-time failure (1), the model is kept
         log.error("error: %s", exc)
         log.error("the trained model %s is kept: run the demo again to reuse it", checkpoint)
         return 1
 
 
-def serve_and_stream(args: argparse.Namespace, cfg: TrainConfig, out: Path, checkpoint: Path, address: str | None,
+def serve_and_stream(args: DemoOptions, cfg: TrainConfig, out: Path, checkpoint: Path, address: str | None,
                      start: float) -> int:
     """Steps 2-5 on a trained checkpoint: evaluate, export, serve, stream the held-out cells, report."""
     log.info("[2/5] evaluating on the held-out cells")
@@ -169,7 +173,8 @@ def serve_and_stream(args: argparse.Namespace, cfg: TrainConfig, out: Path, chec
 
     feeds = write_camera_folders(cfg, out / "cameras", args.cameras)
     results = out / "client_results.jsonl"
-    with TritonServer(result.repo, grpc_port=0, http_port=0, metrics_port=0, log_file=out / "tritonserver.log") as server:
+    server = TritonServer(result.repo, grpc_port=0, http_port=0, metrics_port=0, log_file=out / "tritonserver.log")
+    with server:
         log.info("[4/5] tritonserver ready at %s (models: %s)", server.grpc_url, ", ".join(server.models))
         log.info("[5/5] streaming %d held-out cells through %d cameras", sum(len(l) for _, l in feeds.values()),
                  len(feeds))
@@ -205,25 +210,30 @@ def serve_and_stream(args: argparse.Namespace, cfg: TrainConfig, out: Path, chec
     return 0
 
 
+@dataclass
+class DemoOptions:
+    """The command's options."""
+
+    out: str = option("runs/demo", help="folder for everything the demo writes")
+    cameras: int = option(3, type=int, help="how many cameras share the held-out cells (2-4)")
+    steps: int | None = option(None, type=int, help="training steps (default: mrkd.train's)")
+    retrain: bool = option(False, action="store_true", help="train again even if a finished checkpoint exists")
+    dashboard: str = option(DEFAULT_DASHBOARD, metavar="HOST:PORT",
+                            help="where the client serves its live page (default: %(default)s, or a free port if "
+                                 "taken)")
+    no_dashboard: bool = option(False, action="store_true", help="run the client without its live page")
+    keep_open: bool = option(False, action="store_true",
+                             help="after the run, keep the page and the server up until Ctrl-C")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m mrkd.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
-    p.add_argument("--cameras", type=int, default=3, help="how many cameras share the held-out cells (2-4)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: mrkd.train's)")
-    p.add_argument("--retrain", action="store_true", help="train again even if a finished checkpoint exists")
-    p.add_argument("--dashboard", default=DEFAULT_DASHBOARD, metavar="HOST:PORT",
-                   help="where the client serves its live page (default: %(default)s, or a free port if taken)")
-    p.add_argument("--no-dashboard", action="store_true", help="run the client without its live page")
-    p.add_argument("--keep-open", action="store_true",
-                   help="after the run, keep the page and the server up until Ctrl-C")
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (ExportError, ServerError, CheckpointError, ValueError, OSError) as exc:
-        log.error("error: %s", exc)
-        return 1
+    add_options(p, DemoOptions)
+    args = from_args(DemoOptions, p.parse_args(argv))
+    return run_command(lambda: run(args), DemoOptions, log=log)
 
 
 if __name__ == "__main__":

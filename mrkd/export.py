@@ -31,90 +31,69 @@ change, unless --recalibrate fits the threshold to the bf16 scores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from .core.config import ModelConfig
-from .runtime.network_runtime import DEFAULT_CPU_RUNTIME, PRECISIONS, RUNTIMES
-from .triton.models import MAP_DTYPES
-from .triton.repository import DEFAULT_NAME, ExportError, ExportOptions, export, write_configs
+from .core.options import add_options, from_args, option, run_command
+from .triton.configs import ExportOptions
+from .triton.errors import ExportError
+from .triton.repository import export, write_configs
 
 
-# ---------------------------------------------------------------------------------------------------------- CLI
+@dataclass
+class ExportCommand:
+    """The command's options besides ExportOptions: what to export, where, and the templates-only mode."""
+
+    checkpoint: str | None = option(None, help="trained checkpoint (file, or run folder with checkpoint.pt)")
+    repo: str = option(None, required=True, help="Triton model repository folder")
+    version: int | None = option(None, type=int, help="version number (default: the next free one)")
+    configs_only: bool = option(
+        False, action="store_true",
+        help="write only the config.pbtxt templates (no checkpoint; image size from --image-size)")
+    image_size: int = option(ModelConfig().image_size, type=int, help="with --configs-only")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+FIRST = ("checkpoint", "repo", "name", "version")  # the order of --help: these first, then as declared
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed arguments (both option dataclasses' fields)."""
     p = argparse.ArgumentParser(prog="python -m mrkd.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="trained checkpoint (file, or run folder with checkpoint.pt)")
-    p.add_argument("--repo", required=True, help="Triton model repository folder")
-    p.add_argument("--name", default=DEFAULT_NAME, help="product name; prefixes the model names (default: mrkd)")
-    p.add_argument("--version", type=int, help="version number (default: the next free one)")
-    p.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto",
-                   help="where the detector runs (auto: gpu if this machine has CUDA)")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--map-size", type=int, default=64, help="ANOMALY_MAP resolution (default 64)")
-    p.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default="fp16")
-    p.add_argument("--instances", type=int, default=1, help="detector instances")
-    p.add_argument("--threads", "--torch-threads", dest="torch_threads", type=int, default=0, metavar="N",
-                   help="threads per detector instance on CPU, for every runtime (0 = cores / instances)")
-    p.add_argument("--runtime", choices=["auto", *RUNTIMES], default="auto",
-                   help=f"detector network runtime (auto: {DEFAULT_CPU_RUNTIME} on cpu, torch on gpu)")
-    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
-                   help="network precision (auto: fp32 on cpu, bf16 autocast on gpu); bf16 on cpu is checked "
-                        "on real images")
-    p.add_argument("--calibration-images", metavar="DIR",
-                   help="normal images of the product for the bf16 check (default: the checkpoint's data)")
-    p.add_argument("--recalibrate", action="store_true",
-                   help="bf16: fit the threshold to the bf16 scores instead of refusing a model whose verdicts change")
-    p.add_argument("--preprocess-instances", type=int, default=1)
-    p.add_argument("--max-queue-delay-us", type=int, default=ExportOptions.max_queue_delay_us)
-    p.add_argument("--preferred-batch-sizes", type=_int_list, default=[], help="e.g. 4,8,16")
-    p.add_argument("--warmup-batch-sizes", type=_int_list, default=[1], help="detector warm-up (default 1)")
-    p.add_argument("--configs-only", action="store_true",
-                   help="write only the config.pbtxt templates (no checkpoint; image size from --image-size)")
-    p.add_argument("--image-size", type=int, default=ModelConfig().image_size, help="with --configs-only")
+    add_options(p, ExportOptions, ExportCommand, first=FIRST)
     return p.parse_args(argv)
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
-    device = args.device
-    if device == "auto":
+    """ExportOptions from the parsed arguments, device "auto" resolved (gpu when this machine has CUDA)."""
+    opts = from_args(ExportOptions, args)
+    if opts.device == "auto":
         import torch
 
-        device = "gpu" if torch.cuda.is_available() else "cpu"
-    return ExportOptions(
-        name=args.name, device=device, max_batch_size=args.max_batch_size, map_size=args.map_size,
-        map_dtype=args.map_dtype, instances=args.instances, torch_threads=args.torch_threads,
-        preprocess_instances=args.preprocess_instances, max_queue_delay_us=args.max_queue_delay_us,
-        preferred_batch_sizes=args.preferred_batch_sizes, warmup_batch_sizes=args.warmup_batch_sizes,
-        runtime=args.runtime, precision=args.precision, calibration_images=args.calibration_images,
-        recalibrate=args.recalibrate,
-    )
+        opts = dataclasses.replace(opts, device="gpu" if torch.cuda.is_available() else "cpu")
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
     args = parse_args(argv)
-    try:
-        opts = options_from_args(args)
-        if args.configs_only:
-            names = write_configs(Path(args.repo), args.image_size, opts)
-            print(f"wrote config templates for {', '.join(names.values())} in {args.repo}")
-            return 0
-        if not args.checkpoint:
-            raise ExportError("--checkpoint is required (or --configs-only)")
-        result = export(args.checkpoint, args.repo, opts, version=args.version)
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} as version {result.version} of "
+    command = from_args(ExportCommand, args)
+    return run_command(lambda: run(command, options_from_args(args)), ExportCommand, ExportOptions)
+
+
+def run(command: ExportCommand, opts: ExportOptions) -> int:
+    """Exports (or writes the templates) and prints what was done."""
+    if command.configs_only:
+        names = write_configs(Path(command.repo), command.image_size, opts)
+        print(f"wrote config templates for {', '.join(names.values())} in {command.repo}")
+        return 0
+    if not command.checkpoint:
+        raise ExportError("checkpoint is required (or configs_only)", "checkpoint", "configs_only")
+    result = export(command.checkpoint, command.repo, opts, version=command.version)
+    print(f"exported {command.checkpoint} as version {result.version} of "
           f"{', '.join(result.models.values())} in {result.repo} ({opts.device}, map {opts.map_size}px "
           f"{opts.map_dtype}, max batch {opts.max_batch_size})")
     network = result.network

@@ -31,6 +31,19 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _fallback_warned = False
 
 
+if _NATIVE_ERROR is None:
+
+    @torch.library.register_fake("mrkd::anomaly_map")
+    def _anomaly_map_fake(
+        teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: Sequence[int], sigma: float = 4.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the op returns, without computing it (torch.compile, torch.export, FakeTensor tracing): maps
+        [B, 1, H, W] and scores [B], float32 whatever the features' dtype, on the features' device."""
+        batch = teacher[0].shape[0]
+        maps = teacher[0].new_empty((batch, 1, out_size[0], out_size[1]), dtype=torch.float32)
+        return maps, teacher[0].new_empty((batch,), dtype=torch.float32)
+
+
 def native_available() -> bool:
     """Whether the compiled operator (mrkd._C) is loaded and used by `anomaly_map`."""
     return _NATIVE_ERROR is None

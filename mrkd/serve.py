@@ -13,24 +13,31 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import asdict, dataclass
 
-from .triton.launcher import ServerError, TritonServer
+from .core.options import add_options, from_args, option, run_command
+from .triton.launcher import TritonServer
 
 
-# ---------------------------------------------------------------------------------------------------------- CLI
+@dataclass(kw_only=True)
+class ServeOptions:
+    """The command's options: the keyword arguments of TritonServer."""
+
+    repo: str = option(required=True, help="exported model repository (python -m mrkd.export)")
+    grpc_port: int = option(8001, type=int, help="0 = any free port")
+    http_port: int = option(8000, type=int, help="0 = any free port")
+    metrics_port: int = option(8002, type=int, help="0 = any free port")
+    host: str = option("127.0.0.1", help="listen address (0.0.0.0 inside a container)")
+    log_file: str | None = option(None, help="server log (default: a temporary file, kept if the server fails)")
+    startup_timeout: float = option(300.0, type=float, help="seconds to wait for every model")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> ServeOptions:
+    """The command's options from its arguments."""
     p = argparse.ArgumentParser(prog="python -m mrkd.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", required=True, help="exported model repository (python -m mrkd.export)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="0 = any free port")
-    p.add_argument("--http-port", type=int, default=8000, help="0 = any free port")
-    p.add_argument("--metrics-port", type=int, default=8002, help="0 = any free port")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 inside a container)")
-    p.add_argument("--log-file", help="server log (default: a temporary file, kept if the server fails)")
-    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for every model")
-    return p.parse_args(argv)
+    add_options(p, ServeOptions)
+    return from_args(ServeOptions, p.parse_args(argv))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -38,24 +45,25 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """Runs the command on `argv` (default: sys.argv); returns its exit status."""
+    opts = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    server = TritonServer(args.repo, args.grpc_port, args.http_port, args.metrics_port, host=args.host,
-                          log_file=args.log_file, startup_timeout=args.startup_timeout)
-    try:
+
+    def body() -> int:
+        server = TritonServer(**asdict(opts))
         with server:
             print(f"ready: {', '.join(server.models)}", flush=True)
             print(f"gRPC {server.grpc_url}  HTTP {server.http_url}  log {server.log_file}", flush=True)
             print(f"Triton metrics (Prometheus): http://{server._client_host}:{server.metrics_port}/metrics "
                   f"(what to watch: docs/dashboard.md)", flush=True)
             server.wait()
+        return 0
+
+    try:
+        return run_command(body, ServeOptions)
     except KeyboardInterrupt:
         print("stopped", flush=True)
         return 0
-    except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def served_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
     from mrkd.runtime.checkpoint import load_checkpoint
-    from mrkd.triton.repository import ExportOptions, export
     from mrkd.triton.launcher import TritonServer
+    from mrkd.triton.repository import ExportOptions, export
 
     work = tmp_path_factory.mktemp("served")
     repo = work / "model_repository"
@@ -152,3 +152,20 @@ def faulty_served_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
         yield faulty
         faulty.set_fault(None)
     shutil.rmtree(repo, ignore_errors=True)
+
+
+# Tests that start a tritonserver through these fixtures are marked `triton` here, and tests that need a model
+# trained first (tiny_checkpoint, test_train's `trained`: ~15 s) `slow`; tests that start a server or take long
+# themselves carry the mark in their own file. pytest.ini registers the markers.
+TRITON_FIXTURES = {"served_model", "faulty_served_model", "runtime_server"}
+SLOW_FIXTURES = {"tiny_checkpoint", "trained"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks the tests that use those fixtures (directly or through another fixture)."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if TRITON_FIXTURES & used:
+            item.add_marker(pytest.mark.triton)
+        if SLOW_FIXTURES & used:
+            item.add_marker(pytest.mark.slow)

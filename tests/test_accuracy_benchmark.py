@@ -22,6 +22,7 @@ def run_result(labels, scores) -> dict:
     return {"scores": {f"img{i:03d}": (int(y), float(s)) for i, (y, s) in enumerate(zip(labels, scores))}}
 
 
+@pytest.mark.slow  # thousands of bootstrap resamples
 def test_identical_methods_give_a_zero_difference_and_a_zero_width_interval():
     accuracy = load_accuracy()
     rng = np.random.default_rng(1)
@@ -31,6 +32,7 @@ def test_identical_methods_give_a_zero_difference_and_a_zero_width_interval():
     assert (diff, low, high) == (0.0, 0.0, 0.0)
 
 
+@pytest.mark.slow  # thousands of bootstrap resamples
 def test_a_clearly_better_method_has_an_interval_above_zero_around_the_observed_difference():
     accuracy = load_accuracy()
     rng = np.random.default_rng(2)
@@ -57,6 +59,7 @@ def test_runs_that_do_not_share_their_test_images_are_refused():
         accuracy.paired_bootstrap([a], [b], resamples=10)
 
 
+@pytest.mark.slow  # thousands of bootstrap resamples
 def test_a_partial_report_pairs_only_the_seeds_both_methods_have(tmp_path):
     accuracy = load_accuracy()
     rng = np.random.default_rng(3)

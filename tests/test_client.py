@@ -3,14 +3,15 @@ single-server runs, failover between two real Triton servers and Ctrl-C against 
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import start_serve, tritonserver_of
 
+from client.cli import build_parser, parse_args
 from client.frame_queue import FrameQueue, QueueClosed
 from client.inspection import InspectionClient, encode_image
 from client.report import CameraStats, JsonlWriter, format_summary, read_jsonl
@@ -24,8 +25,6 @@ from client.sources import (
     parse_camera,
     parse_synthetic,
 )
-from client.cli import build_parser, parse_args
-from helpers import start_serve, tritonserver_of
 from mrkd.core.preprocess import decode_image, load_image
 from mrkd.triton.launcher import free_port
 
@@ -920,6 +919,7 @@ def test_without_reconnect_a_lost_stream_is_a_camera_that_gave_up(served_model, 
     assert code == 3
 
 
+@pytest.mark.triton
 def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoint, tmp_path):
     """The issue's scenario, shortened: a live camera (2 frames/s), the only tritonserver SIGKILLed a few seconds
     in and restarted on the same ports 8 s later (longer than the 4 s request timeout). Every frame is answered,

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO_ROOT, start_serve
 from PIL import Image
 
-from helpers import REPO_ROOT, start_serve
-
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # trains in a subprocess first
 
 # A few steps at 64 px: enough for a real, calibrated checkpoint; the accuracy is not what these tests are about.
 TRAIN = ["--data", "elpv:mono", "--steps", "3", "--batch-size", "4", "--image-size", "64",
@@ -58,6 +57,7 @@ def test_train_and_evaluate_write_where_relative_paths_say(workdir: Path):
     assert metrics["n_normal"] > 0 and metrics["n_anomalous"] > 0
 
 
+@pytest.mark.triton
 def test_export_to_a_relative_repository_then_serve_it_and_stream_to_relative_outputs(workdir: Path):
     """The README's serving section, verbatim but for the ports: export --repo model_repository, serve --repo
     model_repository, the client with --out results.jsonl --save-heatmaps heatmaps/."""

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import headless_chromium
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from chromium import headless_chromium
 from client.dashboard import Dashboard, DashboardError, DashboardOptions, LineState, error_code, parse_address
 from client.events import RunObserver
 from client.inspection import InspectionClient
@@ -130,6 +130,7 @@ def counted(driver, camera: str, figure: str) -> int:
 # ------------------------------------------------------------------------------------------- in a real browser
 
 
+@pytest.mark.browser
 def test_browser_shows_every_camera_live_and_the_server_going_down(served_model, tmp_path):
     """The client process with --dashboard against its own tritonserver; the page in headless Chromium shows each
     camera, counts that rise, the heat-map frame, anomalous thumbnails and, once the server stops, that it is down

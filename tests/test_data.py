@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mrkd.data import textures as data_module
 from mrkd.data import (
     TEXTURE_DEFECT_KINDS,
     DatasetLayoutError,
     ImageRecord,
     open_dataset,
 )
+from mrkd.data import textures as data_module
 
 SIZE = 48  # side of the real-image crops written into the MVTec-layout fixtures
 

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import record_fsyncs_and_renames
+
 from mrkd.core.files import atomic_path, write_json
 
 

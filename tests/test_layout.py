@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,27 @@ def test_top_level_is_commands_and_public_api():
     assert top == COMMANDS | {"__init__", "ops"}
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == {"core", "model", "data", "runtime", "triton"}
+
+
+# one file per concern: the modules each package must hold (the split of docs/DESIGN.md)
+MODULES = {
+    "core": {"config", "errors", "files", "options", "preprocess", "wire"},
+    "runtime": {"calibration", "checkpoint", "convert", "detector", "errors", "evaluation", "metrics",
+                "network_export", "network_runtime", "runners", "training", "visualize", "weights"},
+    "triton": {"configs", "errors", "launcher", "models", "publish", "repository"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(MODULES))
+def test_packages_hold_their_modules(package: str):
+    assert {p.stem for p in (PACKAGE / package).glob("*.py")} - {"__init__"} == MODULES[package]
+
+
+def test_wire_contract_imports_without_torch():
+    """The client imports mrkd.core.wire (and mrkd.core.errors): neither may pull in torch or tritonserver."""
+    code = ("import sys, mrkd.core.wire, mrkd.core.errors, mrkd.core.options; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'tritonclient', "
+            "'triton_python_backend_utils')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]", result.stdout

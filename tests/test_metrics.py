@@ -10,7 +10,6 @@ from sklearn.metrics import auc, roc_auc_score
 
 from mrkd.runtime.metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 
-
 # ---------------------------------------------------------------- AUROC
 
 def test_image_auroc_matches_sklearn_on_random_data():

@@ -33,7 +33,8 @@ def random_features(
     return teacher, student
 
 
-def structured_features(batch: int, shapes: list[tuple[int, int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def structured_features(batch: int,
+                        shapes: list[tuple[int, int, int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Student equals teacher except for a bright square 'defect' per image at a different place each."""
     g = torch.Generator().manual_seed(7)
     teacher, student = [], []
@@ -204,7 +205,7 @@ def test_native_channels_last(dtype):
     check_against_reference(sliced, sliced_s, (30, 26), 4.0)
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input --------------------------------------------------------------------------------------------------------
 
 
 def _good():
@@ -263,7 +264,7 @@ def test_fallback_warns_once(monkeypatch):
     assert torch.equal(first[0], ops.anomaly_map_reference(t, s, (8, 8))[0])
 
 
-# --- CUDA ---------------------------------------------------------------------------------------------------------------
+# --- CUDA -------------------------------------------------------------------------------------------------------------
 
 
 @requires_cuda

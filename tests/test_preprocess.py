@@ -10,7 +10,15 @@ from PIL import Image
 from skimage import data as skdata
 
 from mrkd.core.config import IMAGENET_MEAN, IMAGENET_STD
-from mrkd.core.preprocess import InvalidImageError, decode_image, load_image, normalize, prepare_batch, prepare_image, to_rgb
+from mrkd.core.preprocess import (
+    InvalidImageError,
+    decode_image,
+    load_image,
+    normalize,
+    prepare_batch,
+    prepare_image,
+    to_rgb,
+)
 
 
 def encode(image: np.ndarray, fmt: str, **kw) -> bytes:
@@ -24,7 +32,8 @@ def png_declaring(width: int, height: int) -> bytes:
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,15 @@ from mrkd.runtime.checkpoint import load_checkpoint, save_checkpoint
 from mrkd.runtime.detector import Detector, NonFiniteScoreError
 from mrkd.runtime.network_export import MAX_VERDICT_CHANGE, check_images, precision_report, prepare_network
 from mrkd.runtime.network_runtime import (
-    MANIFEST_FILE, ONNX_FILE, OPENVINO_FILE, NetworkRuntimeError, TorchRunner, check_choice, convert, load_runner)
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    NetworkRuntimeError,
+    TorchRunner,
+    check_choice,
+    convert,
+    load_runner,
+)
 from mrkd.triton.repository import ExportError, ExportOptions, existing_versions, export, render_configs
 
 FP32_TOL = 1e-4
@@ -97,6 +105,7 @@ def test_fp32_runtime_scores_match_torch_on_real_images(runtime, tiny_checkpoint
     assert np.ptp(want.scores) > 100 * FP32_TOL * np.abs(want.scores).max()  # the images are not all alike
 
 
+@pytest.mark.slow  # an ONNX export and two runtimes per backbone
 @pytest.mark.parametrize("backbone,image_size", [("mobilenet_v2", 96), ("resnet18", 64),
                                                  ("efficientnet_lite0", 96)])
 def test_converted_networks_match_the_torch_module_on_any_batch(backbone, image_size, tmp_path):
@@ -130,6 +139,7 @@ def test_bf16_runs_in_bf16_and_stays_close(runtime, tiny_checkpoint):
     assert 1e-4 < error < 0.1, error  # really reduced precision (not fp32 in disguise), yet close
 
 
+@pytest.mark.slow  # converts a network per runtime
 @pytest.mark.parametrize("runtime", ["torch", *FP32_RUNTIMES])
 def test_every_runtime_refuses_nan_and_inf_input(runtime):
     """OpenVINO's clamps turn NaN input into finite features (seen here): no runtime may be fed one."""
@@ -297,14 +307,14 @@ def test_bf16_check_names_unusable_calibration_images(tiny_checkpoint, calibrati
     data = load_checkpoint(tiny_checkpoint)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(NetworkRuntimeError, match="--calibration-images .*empty: no .png.* images there"):
+    with pytest.raises(NetworkRuntimeError, match="calibration_images .*empty: no .png.* images there"):
         prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=empty, show=False)
     broken = tmp_path / "broken"
     shutil.copytree(calibration_folder, broken)
     (broken / "cell007.png").write_bytes(b"not a png at all")
     with pytest.raises(NetworkRuntimeError, match="precision check cannot be used: .*cell007.png"):
         prepare_network(tiny_checkpoint, data, "torch", "bf16", calibration_images=broken, show=False)
-    with pytest.raises(NetworkRuntimeError, match="--recalibrate applies to --precision bf16"):
+    with pytest.raises(NetworkRuntimeError, match="recalibrate applies to precision bf16"):
         prepare_network(tiny_checkpoint, data, "onnxruntime", "fp32", recalibrate=True, show=False)
 
 
@@ -337,7 +347,7 @@ def test_bf16_limit_on_the_elpv_test_split(tiny_checkpoint):
         assert report.auroc_reduced == pytest.approx(roc_auc_score(labels, bf16_scores), abs=1e-9)
         assert report.max_score_change == pytest.approx(
             np.max(np.abs(bf16_scores - fp32_scores)) / calibration.threshold)
-    with pytest.raises(NetworkRuntimeError, match="pass --calibration-images"):
+    with pytest.raises(NetworkRuntimeError, match="pass calibration_images"):
         check_images({"data": "/nowhere/mvtec", "category": "bottle"}, None)
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from mrkd import Detector
-from mrkd.runtime.checkpoint import load_checkpoint
 from mrkd.core.config import ModelConfig, TrainConfig
 from mrkd.data import open_dataset
-from mrkd.train import main as train_main
+from mrkd.runtime.checkpoint import load_checkpoint
 from mrkd.runtime.training import train
+from mrkd.train import main as train_main
 
 TINY = dict(data="textures:brick", image_size=64, batch_size=4, max_train_images=8, save_every=0, seed=5)
 
@@ -56,6 +56,7 @@ def test_resume_continues_exactly(trained, tmp_path):
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
 
 
+@pytest.mark.slow  # trains a model
 def test_rd4ad_mode_has_no_generation_blocks(tmp_path):
     data = load_checkpoint(train(tiny(tmp_path, steps=2, ilm=False, flm=False), show_progress=False))
     assert not any(k.startswith("generation.") for k in data["state_dict"])
@@ -121,6 +122,7 @@ def test_evaluate_refuses_a_truncated_checkpoint(trained, tmp_path, caplog):
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_with_gloo(tmp_path):
     import os
     import subprocess
@@ -150,13 +152,14 @@ def test_budget_is_optimizer_steps_whatever_the_data_size():
     assert TrainConfig(epochs=1, batch_size=16).total_steps(8) == 1  # a set smaller than a batch: one step
 
 
+@pytest.mark.slow  # trains a model
 def test_batchnorm_statistics_are_those_of_the_trained_network(tmp_path):
     """After only 2 steps an exponential running mean would still be 81% its initial zeros; the statistics used at
     test time must be the training images' own."""
     cfg = tiny(tmp_path, steps=2, max_train_images=8, batch_size=4)
     data = load_checkpoint(train(cfg, show_progress=False))
-    from mrkd.model.network import MRKDModel
     from mrkd.core.preprocess import normalize, prepare_batch
+    from mrkd.model.network import MRKDModel
 
     model = MRKDModel.from_config(ModelConfig.from_dict(data["model_config"]))
     model.load_state_dict(data["state_dict"])
@@ -169,6 +172,7 @@ def test_batchnorm_statistics_are_those_of_the_trained_network(tmp_path):
     torch.testing.assert_close(running_mean, expected_mean, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # trains a model
 def test_cached_teacher_targets_train_exactly_like_computing_them_every_step(tmp_path):
     from mrkd.runtime.training import StepOptions, Trainer
 

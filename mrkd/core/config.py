@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .options import on_off, option
+
 MRKD_VERSION = "0.1.0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,29 +46,42 @@ class ModelConfig:
 class TrainConfig:
     """One training run (python -m mrkd.train). Defaults are the embedded, offline-capable ones."""
 
-    data: str = "elpv:mono"
-    out: str = "runs/elpv-mono"
-    category: str | None = None
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    pretrained: bool = True
-    steps: int = DEFAULT_STEPS  # optimizer steps: the training budget, whatever the size of the training set
-    epochs: int | None = None  # another way to give the budget: passes over the training set (overrides steps)
-    batch_size: int = 16
-    image_size: int = 256
-    lr: float = 0.005
+    data: str = option("elpv:mono", help="MVTec-layout folder, elpv:mono|poly or textures:brick|grass|gravel")
+    category: str | None = option(None, help="category folder under an MVTec-layout root (also picks ILM settings)")
+    out: str = option("runs/elpv-mono", help="output folder (checkpoint.pt, losses.json, loss_curve.png)")
+    backbone: str = option(DEFAULT_BACKBONE,
+                           help="teacher network (see mrkd.model.backbones.available_backbones())")
+    weights: str | None = option(None, help="ImageNet weights file for the backbone (else the hub cache)")
+    pretrained: bool = option(True, flags=("--no-pretrained",), action="store_false",
+                              help="random teacher (tests and ablations only)")
+    # optimizer steps: the training budget, whatever the size of the training set
+    steps: int = option(DEFAULT_STEPS, type=int,
+                        help=f"training budget in optimizer steps (default {DEFAULT_STEPS}: about 10 minutes for the "
+                             f"embedded default on 2 CPU cores)")
+    # another way to give the budget: passes over the training set (overrides steps)
+    epochs: int | None = option(None, type=int,
+                                help="budget in passes over the training set instead of --steps (e.g. the paper's 200)")
+    batch_size: int = option(16, type=int)
+    image_size: int = option(256, type=int)
+    lr: float = option(0.005, type=float)
     betas: tuple[float, float] = (0.5, 0.999)
-    seed: int = 111
-    ilm: bool = True
-    ilm_category: str | None = None  # ILM table row to use; default: the data's category (texture row if unknown)
-    flm: bool = True
+    seed: int = option(111, type=int)
+    ilm: bool = option(True, type=on_off, metavar="on|off", help="image-level masking (default on)")
+    # ILM table row to use; default: the data's category (texture row if unknown)
+    ilm_category: str | None = option(
+        None, help="use this MVTec AD category's ILM patch settings (default: the data's category, or the row "
+                   "measured for a built-in source; unknown categories get the texture row)")
+    flm: bool = option(True, type=on_off, metavar="on|off", help="feature-level masking (default on)")
     flm_ratio: float = 0.2
-    save_every: int = 250  # checkpoint every N steps (0: only at the end)
-    device: str = "auto"
-    precision: str = "auto"  # training compute: fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)
+    save_every: int = option(250, type=int, help="checkpoint every K steps (0: only at the end)")
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N")
+    # training compute: fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)
+    precision: str = option("auto", choices=["auto", "fp32", "bf16"],
+                            help="training compute (default auto: bf16 on CUDA and on CPUs with native bf16, else "
+                                 "fp32)")
     feature_cache_gb: float = 4.0  # teacher features of the clean training images are cached up to this size
-    max_train_images: int | None = None
-    resume: bool = False
+    max_train_images: int | None = option(None, type=int, help="use only the first N training images")
+    resume: bool = option(False, action="store_true", help="continue from <out>/checkpoint.pt")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(backbone=self.backbone, image_size=self.image_size, flm=self.flm, flm_ratio=self.flm_ratio)

@@ -17,12 +17,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
+from .errors import MRKDError
 
 MAX_PIXELS = 40_000_000  # ~6300 x 6300; larger declared sizes are refused before decoding (decompression bombs)
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
 
 
-class InvalidImageError(ValueError):
+class InvalidImageError(MRKDError, ValueError):
     """An image that cannot be used: empty, corrupt, truncated, too large, or of the wrong dtype/shape."""
 
 

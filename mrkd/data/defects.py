@@ -56,7 +56,8 @@ def _composite(clean: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> tupl
     return image, mask
 
 
-def _paint_scratch(rng: np.random.Generator, clean: np.ndarray, foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _paint_scratch(rng: np.random.Generator, clean: np.ndarray,
+                   foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """A thin bright or dark polyline: a random walk of 2-5 straight strokes, 1-3 px wide, antialiased."""
     size = clean.shape[0]
     canvas = np.zeros((size, size), np.float32)
@@ -78,7 +79,8 @@ def _paint_scratch(rng: np.random.Generator, clean: np.ndarray, foreign_photos: 
     return np.clip(canvas * rng.uniform(0.85, 1.0), 0, 1), np.full((size, size, 3), value, np.float32)
 
 
-def _paint_stain(rng: np.random.Generator, clean: np.ndarray, foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _paint_stain(rng: np.random.Generator, clean: np.ndarray,
+                 foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """A blurred, irregular blob, dark or rust/oil-coloured, semi-transparent."""
     size = clean.shape[0]
     blob = _irregular_blob(rng, size, radius=rng.uniform(0.08, 0.2) * size)
@@ -89,7 +91,8 @@ def _paint_stain(rng: np.random.Generator, clean: np.ndarray, foreign_photos: Se
     return alpha, np.broadcast_to(colour, (size, size, 3)).astype(np.float32)
 
 
-def _paint_hole(rng: np.random.Generator, clean: np.ndarray, foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _paint_hole(rng: np.random.Generator, clean: np.ndarray,
+                foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """A dark rotated ellipse with a soft edge, darker towards its centre."""
     size = clean.shape[0]
     ry, rx = rng.uniform(0.04, 0.12, 2) * size
@@ -103,7 +106,8 @@ def _paint_hole(rng: np.random.Generator, clean: np.ndarray, foreign_photos: Seq
     return np.clip(alpha * 1.1, 0, 1), np.repeat(shade[..., None], 3, axis=2).astype(np.float32)
 
 
-def _paint_foreign_texture(rng: np.random.Generator, clean: np.ndarray, foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _paint_foreign_texture(rng: np.random.Generator, clean: np.ndarray,
+                           foreign_photos: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """A patch of a DIFFERENT texture photo pasted through an irregular mask with a 1-px soft edge."""
     size = clean.shape[0]
     photo = foreign_photos[int(rng.integers(len(foreign_photos)))]

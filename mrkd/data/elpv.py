@@ -18,6 +18,7 @@ ELPV_TEST_FRACTION = 0.2
 
 
 def open_elpv(cell_type: str, seed: int, include_uncertain: bool, calibration_fraction: float) -> DatasetSplits:
+    """The ELPV cells of one type (mono or poly) split into train, calibration and test, seeded."""
     if cell_type not in ELPV_TYPES:
         raise ValueError(f"unknown ELPV cell type '{cell_type}': expected one of elpv:mono, elpv:poly")
     data_dir = _elpv_data_dir()

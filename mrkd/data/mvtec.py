@@ -16,6 +16,7 @@ from .records import GOOD, IMAGE_EXTENSIONS, DatasetLayoutError, DatasetSplits, 
 
 
 def open_mvtec_folder(root: Path, category: str | None, seed: int, calibration_fraction: float) -> DatasetSplits:
+    """A folder in the MVTec AD layout (the root with `category`, or the category folder) as splits."""
     category_dir = _find_category_dir(root, category)
     name = category_dir.name
     train_good_dir = category_dir / "train" / GOOD

@@ -8,13 +8,18 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.errors import MRKDError
 from ..core.preprocess import load_image
 
 GOOD = "good"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class DatasetLayoutError(ValueError):
+class DataError(MRKDError):
+    """The base of mrkd.data's errors."""
+
+
+class DatasetLayoutError(DataError, ValueError):
     """A dataset folder that does not follow the expected layout; the message says what was expected and found."""
 
 

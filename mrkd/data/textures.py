@@ -31,6 +31,7 @@ MIN_CROP_SIZE = 32
 
 
 def open_textures(texture: str, seed: int, crop_size: int) -> DatasetSplits:
+    """Crops of one of scikit-image's texture photos, with seeded test defects and their masks, as splits."""
     if texture not in TEXTURE_NAMES:
         expected = ", ".join(f"textures:{t}" for t in TEXTURE_NAMES)
         raise ValueError(f"unknown texture '{texture}': expected one of {expected}")

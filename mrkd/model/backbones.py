@@ -96,6 +96,7 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Adds a backbone to the registry; a name may be registered once."""
     if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
@@ -103,10 +104,12 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 def available_backbones() -> list[str]:
+    """The registered backbone names, sorted."""
     return sorted(_REGISTRY)
 
 
 def backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry of `name`; ValueError naming the available ones for an unknown name."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     return _REGISTRY[name]

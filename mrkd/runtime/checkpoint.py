@@ -10,17 +10,15 @@ import torch
 
 from ..core.config import MRKD_VERSION
 from ..core.files import atomic_path, user_path
+from .errors import CheckpointError  # noqa: F401 (re-exported)
 
 FORMAT = "mrkd-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model_config", "state_dict", "calibration")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, truncated, or not an MRKD checkpoint."""
-
-
 def versions() -> dict[str, str]:
+    """The versions of mrkd, torch, torchvision and Python, recorded in every checkpoint."""
     import torchvision
 
     return {"mrkd": MRKD_VERSION, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),

@@ -2,7 +2,7 @@
 
 Evaluation, the Triton detector model and the client's reference checks all go through this class, so a score
 computed here and one served by Triton come from the same code. The network runs on the runtime chosen at load
-(torch, onnxruntime or openvino: mrkd.runtime.network_runtime); the fused anomaly map always runs here, on its
+(torch, onnxruntime or openvino: mrkd.runtime.runners); the fused anomaly map always runs here, on its
 features.
 """
 from __future__ import annotations
@@ -14,17 +14,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .calibration import Calibration
-from .checkpoint import load_checkpoint
-from .network_runtime import NetworkRunner, TorchRunner, file_sha256, load_runner, resolve_precision
 from ..core.config import ModelConfig
-from ..ops import anomaly_map
 from ..core.preprocess import normalize, prepare_batch
 from ..model.network import MRKDModel
-
-
-class NonFiniteScoreError(RuntimeError):
-    """The network produced NaN or Inf anomaly scores: never reported as a (normal) verdict."""
+from ..ops import anomaly_map
+from .calibration import Calibration
+from .checkpoint import load_checkpoint
+from .convert import file_sha256, load_runner
+from .errors import NonFiniteScoreError
+from .runners import NetworkRunner, TorchRunner, resolve_precision
 
 
 @dataclass
@@ -61,7 +59,7 @@ class Detector:
     def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,
              runtime: str = "torch", precision: str = "auto", threads: int | None = None,
              network_dir: str | Path | None = None) -> "Detector":
-        """`runtime`: torch | onnxruntime | openvino (see mrkd.runtime.network_runtime); `precision`: fp32 | bf16 |
+        """`runtime`: torch | onnxruntime | openvino (see mrkd.runtime.runners); `precision`: fp32 | bf16 |
         auto (bf16 on CUDA, fp32 on CPU); `threads`: ONNX Runtime / OpenVINO threads (default: torch's count);
         `network_dir`: a folder with the converted network written by mrkd.export (default: convert now)."""
         data = load_checkpoint(checkpoint, map_location="cpu")

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
-from ..data import ImageRecord, open_dataset
-from .detector import Detector
 from ..core.files import atomic_path, user_path, write_json
-from .metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 from ..core.preprocess import prepare_image
+from ..data import ImageRecord, open_dataset
+from .checkpoint import load_checkpoint
+from .detector import Detector
+from .metrics import aupro, aupro_per_image, image_auroc, pixel_auroc
 from .visualize import overlay, save_png
 
 log = logging.getLogger("mrkd.evaluate")
@@ -35,9 +35,11 @@ class TestRun:
 
 
 def run_detector(detector: Detector, records: list[ImageRecord], show: bool = True) -> TestRun:
+    """Scores and maps of every test record, in batches; with the time per image."""
     scores, normalized, maps, seconds = [], [], [], 0.0
     bs = detector.batch_size
-    for i in tqdm(range(0, len(records), bs), desc="evaluating", disable=not (show and sys.stderr.isatty()), leave=False):
+    hide_bar = not (show and sys.stderr.isatty())
+    for i in tqdm(range(0, len(records), bs), desc="evaluating", disable=hide_bar, leave=False):
         batch = torch.stack([prepare_image(r.load_image(), detector.image_size) for r in records[i : i + bs]])
         start = time.perf_counter()
         pred = detector.predict_prepared(batch)
@@ -62,6 +64,7 @@ def resized_masks(records: list[ImageRecord], size: int) -> np.ndarray:
 
 
 def compute_metrics(run: TestRun, has_masks: bool, image_size: int) -> dict:
+    """Image AUROC, and with masks pixel AUROC and both AU-PRO protocols, plus counts and timing."""
     labels = np.array([r.label for r in run.records])
     metrics = {
         "image_auroc": image_auroc(labels, run.scores),
@@ -82,6 +85,7 @@ def compute_metrics(run: TestRun, has_masks: bool, image_size: int) -> dict:
 
 
 def write_reports(run: TestRun, detector: Detector, out: Path) -> None:
+    """scores.csv, roc.png and heat-map overlays of the worst false positives and negatives."""
     labels = np.array([r.label for r in run.records])
     with atomic_path(out / "scores.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -103,6 +107,7 @@ def write_reports(run: TestRun, detector: Detector, out: Path) -> None:
 
 
 def save_roc_plot(path: Path, labels: np.ndarray, scores: np.ndarray) -> None:
+    """The ROC curve with its AUROC, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +130,7 @@ def save_roc_plot(path: Path, labels: np.ndarray, scores: np.ndarray) -> None:
 
 def evaluate(checkpoint: str | Path, data: str, out: str | Path, category: str | None = None,
              seed: int | None = None, device: str = "cpu", batch_size: int = 16, show_progress: bool = True) -> dict:
+    """Metrics of a checkpoint on a dataset's test split (the training split's seed by default), written to `out`."""
     out = user_path(out)
     payload = load_checkpoint(checkpoint)
     train_config = payload.get("train_config") or {}

@@ -20,16 +20,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .calibration import Calibration
-from .detector import Detector
-from .metrics import image_auroc
-from .network_runtime import (MANIFEST_FILE, NetworkManifest, NetworkRuntimeError, check_choice,
-                              convert, file_sha256, load_runner)
 from ..core.config import ModelConfig
 from ..core.files import user_path
 from ..core.preprocess import InvalidImageError, load_image, prepare_image
 from ..data import open_dataset
 from ..model.network import MRKDModel
+from .calibration import Calibration
+from .convert import MANIFEST_FILE, NetworkManifest, convert, file_sha256, load_runner
+from .detector import Detector
+from .errors import NetworkRuntimeError
+from .metrics import image_auroc
+from .runners import check_choice
 
 MAX_VERDICT_CHANGE = 0.005  # largest fraction of images whose verdict may change from fp32 to bf16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -52,21 +53,23 @@ def check_images(train_config: dict | None, calibration_images: str | Path | Non
         folder = user_path(calibration_images)
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         if not files:
-            raise NetworkRuntimeError(f"--calibration-images {folder}: no {'/'.join(IMAGE_SUFFIXES)} images there")
+            raise NetworkRuntimeError(f"calibration_images {folder}: no {'/'.join(IMAGE_SUFFIXES)} images there",
+                                      "calibration_images")
         loaders = [lambda p=p: load_image(p) for p in files]
         return CheckImages(f"{len(files)} images of {folder}", loaders, None, loaders)
     train_config = train_config or {}
     data = train_config.get("data")
     if not data:
         raise NetworkRuntimeError("bf16 is checked on real images, and the checkpoint does not name its data; "
-                                  "pass --calibration-images DIR (normal images of the product)")
+                                  "pass calibration_images DIR (normal images of the product)", "calibration_images")
     try:
         splits = open_dataset(data, train_config.get("category"), seed=int(train_config.get("seed", 111)))
     except (OSError, ValueError) as exc:
         raise NetworkRuntimeError(f"bf16 is checked on real images, and the checkpoint's data {data!r} cannot be "
-                                  f"opened here ({exc}); pass --calibration-images DIR") from exc
+                                  f"opened here ({exc}); pass calibration_images DIR", "calibration_images") from exc
     if not splits.test:
-        raise NetworkRuntimeError(f"{data} has no test images to check bf16 on; pass --calibration-images DIR")
+        raise NetworkRuntimeError(f"{data} has no test images to check bf16 on; pass calibration_images DIR",
+                                  "calibration_images")
     calibration = splits.calibration or splits.train  # what training calibrated on
     return CheckImages(f"{data} test split", [r.load_image for r in splits.test],
                        np.array([r.label for r in splits.test]), [r.load_image for r in calibration])
@@ -200,7 +203,7 @@ def prepare_network(checkpoint: Path, data: dict, runtime: str, precision: str, 
     check_choice(runtime, precision, torch_device, config)
     gated = precision == "bf16" and torch_device == "cpu"
     if recalibrate and not gated:
-        raise NetworkRuntimeError("--recalibrate applies to --precision bf16 on the CPU only")
+        raise NetworkRuntimeError("recalibrate applies to precision bf16 on the CPU only", "recalibrate", "precision")
     tmp = tempfile.TemporaryDirectory(prefix="mrkd-network-")
     folder = Path(tmp.name)
     try:
@@ -221,8 +224,8 @@ def prepare_network(checkpoint: Path, data: dict, runtime: str, precision: str, 
                 calibration = report.recalibrated
             elif not report.within_limit:
                 raise NetworkRuntimeError(
-                    f"bf16 refused: {report.summary()}. Serve fp32, or pass --recalibrate to fit the threshold to "
-                    f"the bf16 scores")
+                    f"bf16 refused: {report.summary()}. Serve fp32, or pass recalibrate to fit the threshold to "
+                    f"the bf16 scores", "recalibrate")
     except BaseException:
         tmp.cleanup()
         raise

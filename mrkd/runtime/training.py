@@ -36,6 +36,7 @@ from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from ..core.config import ModelConfig, TrainConfig
+from ..core.errors import OptionError
 from ..core.files import user_path, write_json
 from ..core.preprocess import normalize, prepare_image
 from ..data import ImageRecord, open_dataset
@@ -80,6 +81,7 @@ class StepOptions:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; other names as torch spells them."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -95,14 +97,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast: asked for, or auto on CUDA and on CPUs with native bf16."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
     if precision == "auto":
         return device.type == "cuda" or cpu_has_native_bf16()
     return precision == "bf16"
 
 
 def setup_distributed(device: torch.device) -> Distributed:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, else gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
@@ -130,6 +134,7 @@ def corrupt_batch(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of the training images in one epoch."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
@@ -202,6 +207,7 @@ def refresh_batchnorm(restorer: FeatureRestorer, features: TeacherFeatures, batc
 
 
 def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimizer, calibration) -> dict:
+    """What a checkpoint holds: network, configs, optimizer, calibration (None mid-run), step, losses."""
     return {
         "model_config": cfg.model_config().to_dict(),
         "train_config": cfg.to_dict(),
@@ -214,6 +220,7 @@ def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimiz
 
 
 def calibrate(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor, device: torch.device) -> Calibration:
+    """The calibration fitted on the raw scores of held-out normal images."""
     detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size)
     scores = torch.cat([detector.raw_maps(images[i : i + cfg.batch_size])[1].cpu()
                         for i in range(0, len(images), cfg.batch_size)])
@@ -224,7 +231,8 @@ def ilm_row(cfg: TrainConfig, data_category: str) -> str | None:
     """The ILM table row: --ilm-category, else the MVTec category, else the measured default for a built-in source,
     else the data's category name (unknown names get the default row)."""
     if cfg.ilm_category and cfg.ilm_category not in ILM_SETTINGS:
-        raise ValueError(f"--ilm-category {cfg.ilm_category!r} is not one of {', '.join(sorted(ILM_SETTINGS))}")
+        raise OptionError(f"ilm_category {cfg.ilm_category!r} is not one of {', '.join(sorted(ILM_SETTINGS))}",
+                          "ilm_category")
     return cfg.ilm_category or cfg.category or ilm_row_for_source(cfg.data) or data_category
 
 
@@ -317,7 +325,8 @@ class Trainer:
                      cfg.data, len(self.images), self.total_steps, cfg.batch_size,
                      self.total_steps / self.steps_per_epoch, "bf16" if self.options.bf16 else "fp32",
                      ", cached targets" if self.features.cached is not None else "",
-                     "on" if cfg.ilm else "off", self.ilm_row if self.ilm_row in ILM_SETTINGS else "carpet, the default",
+                     "on" if cfg.ilm else "off",
+                     self.ilm_row if self.ilm_row in ILM_SETTINGS else "carpet, the default",
                      "on" if cfg.flm else "off")
         self.model.train()
         report_every = max(1, self.total_steps // PROGRESS_LINES)
@@ -334,7 +343,8 @@ class Trainer:
                     rate = done * cfg.batch_size / max(time.perf_counter() - start, 1e-9)
                     recent = state.losses[-report_every:]
                     tqdm.write(f"step {state.step}/{self.total_steps}  loss {np.mean(recent):.4f}  "
-                               f"{rate:.1f} images/s  eta {(self.total_steps - state.step) * cfg.batch_size / rate:.0f} s")
+                               f"{rate:.1f} images/s  "
+                               f"eta {(self.total_steps - state.step) * cfg.batch_size / rate:.0f} s")
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
                     self.save()
         except KeyboardInterrupt:
@@ -386,6 +396,7 @@ def _smooth(values: list[float], window: int = 25) -> list[float]:
 
 
 def resume_into(path: Path, model: MRKDModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> TrainState:
+    """Loads a run's checkpoint into the model and optimizer; refuses one of another configuration."""
     data = load_checkpoint(path, for_inference=False)
     saved = ModelConfig.from_dict(data["model_config"])
     if saved != cfg.model_config():

@@ -27,12 +27,14 @@ def overlay(image: np.ndarray, normalized_map: np.ndarray, alpha: float = 0.45) 
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
+    """Writes a uint8 image as PNG atomically; returns the path."""
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
     return Path(path)
 
 
 def save_line_plot(path: str | Path, series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> Path:
+    """One line per series on shared axes, as a PNG; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")

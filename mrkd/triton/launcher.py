@@ -31,8 +31,10 @@ from pathlib import Path
 from types import TracebackType
 
 from ..core.files import user_path
-from .models import CHECKPOINT_FILE
-from .repository import ExportError, prepare_repository, repository_lock
+from ..core.wire import CHECKPOINT_FILE
+from .configs import config_field, ensemble_steps, served_version
+from .errors import ExportError, ServerError
+from .publish import prepare_repository, repository_lock
 
 STUB_NAME = "triton_python_backend_stub"
 LOG_TAIL_LINES = 40
@@ -63,10 +65,6 @@ def _parent_death_hook(sig: int):
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the mrkd package
-
-
-class ServerError(RuntimeError):
-    """The server could not start, a model failed to load, or the server died."""
 
 
 # ---------------------------------------------------------------------------------------------------------- install
@@ -105,31 +103,16 @@ def find_triton() -> TritonInstall:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it); ServerError naming the host when it cannot be used."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:
+            raise ServerError(f"cannot listen on host {host!r}: {exc.strerror or exc}", "host") from exc
         return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------- repository
-
-
-def _config_field(text: str, key: str) -> str | None:
-    match = re.search(rf'^\s*{key}\s*:\s*"([^"]*)"', text, re.MULTILINE)
-    return match.group(1) if match else None
-
-
-_PINNED_VERSION = re.compile(r"version_policy\s*:\s*{\s*specific\s*:\s*{\s*versions\s*:\s*\[\s*(\d+)\s*\]")
-_ENSEMBLE_STEP = re.compile(r'model_name:\s*"([^"]+)"\s*model_version:\s*(-?\d+)')
-
-
-def served_version(folder: Path, text: str) -> int | None:
-    """The version Triton serves for a model folder: the pinned one (`version_policy: { specific ... }`, what
-    mrkd.export writes), else the latest numeric version folder; None when there is none."""
-    pinned = _PINNED_VERSION.search(text)
-    if pinned:
-        return int(pinned.group(1))
-    versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-    return versions[-1] if versions else None
 
 
 def check_repository(repo: str | Path) -> list[str]:
@@ -154,13 +137,13 @@ def check_repository(repo: str | Path) -> list[str]:
             unexported.append(f"{model}: no version folder")
         elif not (folder / str(version)).is_dir():
             problems.append(f"{model}: version {version} (named in its config.pbtxt) is missing")
-        elif _config_field(text, "backend") == "python" and not (folder / str(version) / "model.py").is_file():
+        elif config_field(text, "backend") == "python" and not (folder / str(version) / "model.py").is_file():
             problems.append(f"{model}: no model.py in version {version}")
         elif 'string_value: "detector"' in text and not (folder / str(version) / CHECKPOINT_FILE).is_file():
             problems.append(f"{model}: no {CHECKPOINT_FILE} in version {version}")
     for model, text in texts.items():
-        for step, pin in _ENSEMBLE_STEP.findall(text):
-            if int(pin) != -1 and step in served and served[step] != int(pin):
+        for step, pin in ensemble_steps(text):
+            if pin != -1 and step in served and served[step] != pin:
                 problems.append(f"{model}: its step {step} is pinned to version {pin}, which is not served "
                                 f"(version {served[step]} is)")
     if unexported:

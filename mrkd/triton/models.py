@@ -14,7 +14,8 @@ problem, and the other requests of the same batch are answered normally.
 Error codes say whose fault it was, because clients act on them: INVALID_ARG only for a bad input (an image that
 cannot be decoded, too many pixels, a missing input): retrying it elsewhere cannot help. A failure on the server's
 side (the forward pass raised, an unexpected exception, a CUDA out-of-memory) is INTERNAL (UNAVAILABLE for out of
-memory, which may pass): the same request may well succeed on another server, and clients retry it there. The detector concatenates the batch into
+memory, which may pass): the same request may well succeed on another server, and clients retry it there.
+The detector concatenates the batch into
 one forward pass and splits the results. Feature maps never leave the detector process; what crosses processes is
 uint8 images and the (resized) float32 anomaly map.
 """
@@ -30,21 +31,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..runtime.calibration import Calibration
+from ..core import wire
 from ..core.preprocess import InvalidImageError, decode_image, prepare_image
+from ..core.wire import CALIBRATION_FILE, CHECKPOINT_FILE, MAP_DTYPES, decode_map, encode_map  # noqa: F401 (re-exported)
+from ..runtime.calibration import Calibration
+from .errors import ServerError
 
 log = logging.getLogger("mrkd.triton.models")
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CALIBRATION_FILE = "calibration.json"
-MAP_DTYPES = {"fp16": np.float16, "uint8": np.uint8}
 # Decoded pixels one request may hold, all its images together (each image is also limited to
 # core.preprocess.MAX_PIXELS): 100 Mpx is 300 MB of RGB, where 32 images at the per-image limit would be 3.8 GB.
 MAX_REQUEST_PIXELS = 100_000_000
-
-
-class ServingError(RuntimeError):
-    """A model repository entry that cannot be served (missing checkpoint, inconsistent configuration)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,22 +61,6 @@ def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
         maps.float()[:, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )
     return resized[:, 0]
-
-
-def encode_map(normalized: np.ndarray, map_dtype: str) -> np.ndarray:
-    """Normalised maps in [0, 1] -> FP16, or UINT8 with 255 = 1.0 (what the ensemble returns as ANOMALY_MAP)."""
-    if map_dtype == "fp16":
-        return normalized.astype(np.float16)
-    if map_dtype == "uint8":  # a NaN pixel (a bad feature value) is as anomalous as it gets: 255
-        return np.rint(np.clip(np.nan_to_num(normalized, nan=1.0), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ValueError(f"map dtype must be one of {sorted(MAP_DTYPES)}, got {map_dtype!r}")
-
-
-def decode_map(encoded: np.ndarray) -> np.ndarray:
-    """ANOMALY_MAP as received by a client -> float32 normalised map in [0, 1]."""
-    if encoded.dtype == np.uint8:
-        return encoded.astype(np.float32) / 255.0
-    return encoded.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -171,7 +152,7 @@ class ModelContext:
         value = self.config.get("parameters", {}).get(key, {}).get("string_value")
         if value is None:
             if default is None:
-                raise ServingError(f"model {self.name}: config.pbtxt lacks parameter {key!r}")
+                raise ServerError(f"model {self.name}: config.pbtxt lacks parameter {key!r}")
             return default
         return value
 
@@ -261,7 +242,7 @@ class _PreprocessBase(_PythonModel):
                         where = f"{self.input_name}[{index}]" if len(items) > 1 else self.input_name
                         raise InvalidImageError(f"invalid {where}: {exc}") from exc
                 batch = torch.stack(prepared).numpy()
-                responses.append(self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("PREPARED", batch)]))
+                responses.append(self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(wire.PREPARED, batch)]))
             except InvalidImageError as exc:
                 responses.append(self._invalid(str(exc)))
             except Exception as exc:  # an unexpected failure still fails only this request, with its cause
@@ -273,10 +254,10 @@ class _PreprocessBase(_PythonModel):
 class PreprocessModel(_PreprocessBase):
     """IMAGE: TYPE_STRING [B, 1], one encoded JPEG/PNG/BMP per item."""
 
-    input_name = "IMAGE"
+    input_name = wire.INPUT_IMAGE
 
     def _items(self, request) -> Sequence[Any]:
-        return self._input(request, "IMAGE").reshape(-1)
+        return self._input(request, wire.INPUT_IMAGE).reshape(-1)
 
     def _prepare_item(self, item: Any) -> torch.Tensor:
         if not isinstance(item, (bytes, bytearray, np.bytes_)):
@@ -299,10 +280,10 @@ class PreprocessModel(_PreprocessBase):
 class FramePreprocessModel(_PreprocessBase):
     """FRAME: UINT8 [B, H, W, 3] decoded frames (clients that already hold pixels)."""
 
-    input_name = "FRAME"
+    input_name = wire.INPUT_FRAME
 
     def _items(self, request) -> Sequence[Any]:
-        return list(self._input(request, "FRAME"))
+        return list(self._input(request, wire.INPUT_FRAME))
 
     def _prepare_item(self, item: Any) -> torch.Tensor:
         return prepare_image(item, self.image_size)
@@ -317,14 +298,14 @@ class FramePreprocessModel(_PreprocessBase):
 class DetectorModel(_PythonModel):
     """PREPARED [B, 3, S, S] of all requests -> one Detector forward pass -> RAW_SCORE [B, 1], RAW_MAP [B, M, M]."""
 
-    input_name = "PREPARED"
+    input_name = wire.PREPARED
 
     def _setup(self) -> None:
         from ..runtime.detector import Detector
 
         checkpoint = self.ctx.version_dir / CHECKPOINT_FILE
         if not checkpoint.is_file():
-            raise ServingError(
+            raise ServerError(
                 f"model {self.ctx.name}: no {CHECKPOINT_FILE} in {self.ctx.version_dir}; export a trained model "
                 f"first: python -m mrkd.export --checkpoint CKPT --repo <repository>"
             )
@@ -338,7 +319,7 @@ class DetectorModel(_PythonModel):
         log.info("model %s: network on %s %s", self.ctx.name, self.detector.runtime, self.detector.precision)
         expected = int(self.ctx.parameter("image_size"))
         if self.detector.image_size != expected:
-            raise ServingError(
+            raise ServerError(
                 f"model {self.ctx.name}: checkpoint image size {self.detector.image_size} != config image_size "
                 f"{expected}; re-export the checkpoint"
             )
@@ -359,7 +340,7 @@ class DetectorModel(_PythonModel):
         inputs: list[np.ndarray | None] = []
         for request in requests:
             try:
-                inputs.append(self._input(request, "PREPARED"))
+                inputs.append(self._input(request, wire.PREPARED))
             except Exception as exc:
                 inputs.append(None)
                 log.warning("bad detector request: %s", exc)
@@ -372,14 +353,14 @@ class DetectorModel(_PythonModel):
         responses, slices = [], iter(split_counts([len(x) for x in good]))
         for x in inputs:
             if x is None:
-                responses.append(self._invalid("request has no PREPARED input"))
+                responses.append(self._invalid(f"request has no {wire.PREPARED} input"))
                 continue
             part = next(slices)
             responses.append(
                 self.pb.InferenceResponse(
                     output_tensors=[
-                        self.pb.Tensor("RAW_SCORE", np.ascontiguousarray(results[0][part])),
-                        self.pb.Tensor("RAW_MAP", np.ascontiguousarray(results[1][part])),
+                        self.pb.Tensor(wire.OUTPUT_RAW_SCORE, np.ascontiguousarray(results[0][part])),
+                        self.pb.Tensor(wire.RAW_MAP, np.ascontiguousarray(results[1][part])),
                     ]
                 )
             )
@@ -389,12 +370,12 @@ class DetectorModel(_PythonModel):
 class PostprocessModel(_PythonModel):
     """RAW_SCORE, RAW_MAP -> SCORE (normalised), IS_ANOMALOUS, ANOMALY_MAP (normalised, fp16 or uint8)."""
 
-    input_name = "RAW_SCORE"
+    input_name = wire.OUTPUT_RAW_SCORE
 
     def _setup(self) -> None:
         path = self.ctx.version_dir / CALIBRATION_FILE
         if not path.is_file():
-            raise ServingError(f"model {self.ctx.name}: no {CALIBRATION_FILE} in {self.ctx.version_dir}; re-export")
+            raise ServerError(f"model {self.ctx.name}: no {CALIBRATION_FILE} in {self.ctx.version_dir}; re-export")
         self.calibration = Calibration.from_dict(json.loads(path.read_text()))
         self.map_dtype = self.ctx.parameter("map_dtype")
         encode_map(np.zeros((1, 1), np.float32), self.map_dtype)  # rejects an unknown dtype at load time
@@ -404,15 +385,15 @@ class PostprocessModel(_PythonModel):
         for request in requests:
             try:
                 out = postprocess(
-                    self._input(request, "RAW_SCORE"), self._input(request, "RAW_MAP"), self.calibration,
+                    self._input(request, wire.OUTPUT_RAW_SCORE), self._input(request, wire.RAW_MAP), self.calibration,
                     self.map_dtype,
                 )
                 responses.append(
                     self.pb.InferenceResponse(
                         output_tensors=[
-                            self.pb.Tensor("SCORE", out.score),
-                            self.pb.Tensor("IS_ANOMALOUS", out.is_anomalous),
-                            self.pb.Tensor("ANOMALY_MAP", out.anomaly_map),
+                            self.pb.Tensor(wire.OUTPUT_SCORE, out.score),
+                            self.pb.Tensor(wire.OUTPUT_IS_ANOMALOUS, out.is_anomalous),
+                            self.pb.Tensor(wire.OUTPUT_ANOMALY_MAP, out.anomaly_map),
                         ]
                     )
                 )
