@@ -232,25 +232,42 @@ def load_images(records: list[ImageRecord], size: int) -> list[Tensor]:
     return [prepare_image(r.load_image(), size) for r in records]
 
 
-def run(config: PatchCoreConfig, data: str, seed: int, out: Path) -> dict:
+def run(config: PatchCoreConfig, data: str, seed: int, out: Path, mrkd_checkpoint: Path | None = None) -> dict:
+    """Fits on the training split, scores the test split, writes the reports. With `mrkd_checkpoint`, that MRKD
+    detector (ONNX Runtime, fp32, the process's thread count) is timed on the same batches, alternating with
+    PatchCore, so the two CPU ms/image figures are measured side by side."""
     splits = open_dataset(data, seed=seed)
     model = PatchCore(config, load_backbone(config.backbone))
     train = load_images(splits.train, config.image_size)
     start = time.process_time()
     model.fit(train)
     fit_cpu = time.process_time() - start
-    scored, cpu = [], 0.0
+    detector = None
+    if mrkd_checkpoint is not None:
+        from mrkd.runtime.detector import Detector
+
+        detector = Detector.load(mrkd_checkpoint, runtime="onnxruntime", precision="fp32",
+                                 threads=torch.get_num_threads(), batch_size=config.batch_size)
+        if detector.image_size != config.image_size:
+            raise ValueError(f"{mrkd_checkpoint} takes {detector.image_size} px images, PatchCore runs at "
+                             f"{config.image_size} px")
+    scored, cpu, mrkd_cpu = [], 0.0, 0.0
     test = splits.test
     for i in range(0, len(test), config.batch_size):
         batch = torch.stack(load_images(test[i : i + config.batch_size], config.image_size))
         start = time.process_time()
         scored.append(model.score(batch))
         cpu += time.process_time() - start
+        if detector is not None:
+            start = time.process_time()
+            detector.predict_prepared(batch)
+            mrkd_cpu += time.process_time() - start
     scores = np.concatenate([s.image_scores for s in scored])
     max_scores = np.concatenate([s.max_scores for s in scored])
     maps = np.concatenate([s.maps for s in scored])
     labels = np.array([r.label for r in test])
-    metrics = {"image_auroc": image_auroc(labels, scores), "image_auroc_unweighted_max": image_auroc(labels, max_scores),
+    metrics = {"image_auroc": image_auroc(labels, scores),
+               "image_auroc_unweighted_max": image_auroc(labels, max_scores),
                "pixel_auroc": None, "aupro": None, "aupro_per_image": None,
                "n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
     if splits.has_masks:
@@ -261,6 +278,9 @@ def run(config: PatchCoreConfig, data: str, seed: int, out: Path) -> dict:
                    cpu_ms_per_image=1000.0 * cpu / len(test), fit_cpu_seconds=fit_cpu,
                    bank_size=int(len(model.bank)), bank_mb=model.bank.nbytes / 2**20,
                    patches_per_image=int(model.grid[0] * model.grid[1]), torch_threads=torch.get_num_threads())
+    if detector is not None:
+        metrics.update(mrkd_checkpoint=str(mrkd_checkpoint),
+                       mrkd_onnxruntime_cpu_ms_per_image=1000.0 * mrkd_cpu / len(test))
     write_json(out / "metrics.json", metrics)
     with atomic_path(out / "scores.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -283,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=d.target_dim, help="pretrain and target feature dimension")
     p.add_argument("--neighbors", type=int, default=d.num_neighbors, help="b of the reweighted image score")
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
+    p.add_argument("--mrkd-checkpoint", default=None,
+                   help="an MRKD checkpoint.pt at the same image size: its ONNX Runtime detector is timed side by side")
     a = p.parse_args(argv)
     if not 0.0 < a.coreset <= 1.0:
         p.error(f"--coreset must be in (0, 1], got {a.coreset}")
@@ -290,11 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     faiss.omp_set_num_threads(a.threads)
     config = PatchCoreConfig(backbone=a.backbone, taps=a.taps, image_size=a.image_size, pretrain_dim=a.dim,
                              target_dim=a.dim, coreset_fraction=a.coreset, num_neighbors=a.neighbors, seed=a.seed)
-    m = run(config, a.data, a.seed, user_path(a.out))
+    mrkd = user_path(a.mrkd_checkpoint) if a.mrkd_checkpoint else None
+    m = run(config, a.data, a.seed, user_path(a.out), mrkd)
     pixel = f", pixel AUROC {m['pixel_auroc']:.3f}, AU-PRO {m['aupro']:.3f}" if m["pixel_auroc"] is not None else ""
     print(f"{a.data} seed {a.seed} PatchCore {a.coreset:.0%}: image AUROC {m['image_auroc']:.3f}{pixel}; bank "
           f"{m['bank_size']} x {a.dim} ({m['bank_mb']:.0f} MB), fit {m['fit_cpu_seconds']:.0f} CPU s, "
-          f"{m['cpu_ms_per_image']:.1f} CPU ms/image")
+          f"{m['cpu_ms_per_image']:.1f} CPU ms/image"
+          + (f" (MRKD ONNX Runtime {m['mrkd_onnxruntime_cpu_ms_per_image']:.1f})" if mrkd else ""))
     return 0
 
 
