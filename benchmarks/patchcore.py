@@ -203,9 +203,12 @@ class PatchCore:
                               for i in range(0, len(images), c.batch_size)])
         count = max(1, int(round(c.coreset_fraction * len(features))))
         if count < len(features):
+            print(f"coreset: {count} of {len(features)} patch features", flush=True)
+            start = time.perf_counter()
             projected = features @ random_projection(c.target_dim, c.projection_dim, c.seed)
             first = int(torch.randint(len(features), (1,), generator=torch.Generator().manual_seed(c.seed)))
             features = features[greedy_coreset(projected, count, first)]
+            print(f"coreset: {time.perf_counter() - start:.0f} s", flush=True)
         self.bank = features.numpy()
         self.index = exact_index(self.bank)
 
@@ -253,6 +256,7 @@ def run(config: PatchCoreConfig, data: str, seed: int, out: Path, mrkd_checkpoin
                              f"{config.image_size} px")
     scored, cpu, mrkd_cpu = [], 0.0, 0.0
     test = splits.test
+    print(f"scoring {len(test)} test images", flush=True)
     for i in range(0, len(test), config.batch_size):
         batch = torch.stack(load_images(test[i : i + config.batch_size], config.image_size))
         start = time.process_time()
