@@ -291,6 +291,18 @@ def patchcore_section(results: dict[Run, dict], runs: list[Run], seeds: list[int
                if mrkd[0]["aupro"] is not None else "-")
         lines.append(f"| {dataset} | {', '.join(map(str, common))} | {diff:+.3f} | [{low:+.3f}, {high:+.3f}] "
                      f"| {verdict} | {pro} |")
+    timed = [(run, results[run]) for run in runs
+             if run in results and "mrkd_onnxruntime_cpu_ms_per_image" in results[run]]
+    if timed:
+        lines += ["", "Inference CPU ms/image measured side by side in one process (patchcore.py --mrkd-checkpoint: "
+                  "the MRKD detector exported to ONNX Runtime fp32, one thread, on the same batches; its cost "
+                  "depends on the architecture and image size, not on the weights):", "",
+                  "| data | seed | PatchCore bank | PatchCore CPU ms/image | MRKD ONNX Runtime CPU ms/image | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for run, r in timed:
+            ms, mrkd_ms = r["cpu_ms_per_image"], r["mrkd_onnxruntime_cpu_ms_per_image"]
+            lines.append(f"| {run.dataset} | {run.seed} | {run.variant.split()[-1]} ({r['bank_size']}) | {ms:.1f} "
+                         f"| {mrkd_ms:.1f} | {ms / mrkd_ms:.1f}x |")
     return lines + ["", PATCHCORE_SECTION[1]]
 
 
