@@ -79,3 +79,33 @@ def test_a_partial_report_pairs_only_the_seeds_both_methods_have(tmp_path):
     text = out.read_text()
     assert "| elpv:mono | MRKD | 2 |" in text and "| elpv:mono | RD4AD | 1 |" in text
     assert "| elpv:mono (1 seed) |" in text
+
+
+def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itself(tmp_path):
+    accuracy = load_accuracy()
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    results = {}
+    for dataset, variants in (("textures:grass", ("PatchCore 10%", "MRKD")), ("elpv:mono", ("PatchCore 10%",))):
+        for variant in variants:
+            result = run_result(labels, labels * (2.0 if variant == "MRKD" else 0.2) + rng.normal(size=40))
+            result.update(image_auroc=0.5, pixel_auroc=0.9, aupro=0.8 if variant == "MRKD" else 0.7,
+                          aupro_per_image=0.7, n_normal=20, n_anomalous=20, train_seconds=3.0)
+            if variant != "MRKD":
+                result.update(cpu_ms_per_image=12.0, bank_size=600, bank_mb=2.3, fit_cpu_seconds=3.0,
+                              config={"target_dim": 1024})
+            results[accuracy.Run(dataset, variant, 111)] = result
+    out = tmp_path / "results.md"
+    out.write_text("# Results\n\ntable\n\n<!-- notes: kept when this file is regenerated -->\nnotes\n")
+    runs = list(results)
+    accuracy.write_section(accuracy.patchcore_section(results, runs, [111], ["--study", "patchcore"], 200), out)
+    first = out.read_text()
+    assert first.startswith("# Results\n\ntable\n") and "\nnotes\n" in first
+    assert "| textures:grass | PatchCore 10% | 1 |" in first and "600 x 1024 (2 MB)" in first
+    grass = next(line for line in first.splitlines() if line.startswith("| textures:grass | 111 |"))
+    assert "MRKD better" in grass and grass.endswith("| +0.100 |")
+    assert "| elpv:mono | none |" in first
+    accuracy.write_section(accuracy.patchcore_section(results, runs[:1], [111], ["--study", "patchcore"], 200), out)
+    second = out.read_text()
+    assert second.count(accuracy.PATCHCORE_SECTION[0]) == 1 and "| elpv:mono | none |" not in second
+    assert second.startswith("# Results\n\ntable\n") and "\nnotes\n" in second

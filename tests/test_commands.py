@@ -58,6 +58,7 @@ def test_train_and_evaluate_write_where_relative_paths_say(workdir: Path):
 
 
 @pytest.mark.triton
+@pytest.mark.triton
 def test_export_to_a_relative_repository_then_serve_it_and_stream_to_relative_outputs(workdir: Path):
     """The README's serving section, verbatim but for the ports: export --repo model_repository, serve --repo
     model_repository, the client with --out results.jsonl --save-heatmaps heatmaps/."""
