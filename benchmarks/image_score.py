@@ -37,6 +37,7 @@ def top_k_mean(maps: np.ndarray, k: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: prints the image AUROC of each image-score reduction."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)

@@ -146,6 +146,7 @@ def greedy_coreset(points: Tensor, count: int, first: int = 0) -> Tensor:
 
 
 def exact_index(bank: np.ndarray) -> faiss.IndexFlatL2:
+    """An exact (flat L2) faiss index over the memory bank."""
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(np.ascontiguousarray(bank, dtype=np.float32))
     return index
@@ -232,6 +233,7 @@ class PatchCore:
 
 
 def load_images(records: list[ImageRecord], size: int) -> list[Tensor]:
+    """The records' images, prepared as the detector prepares them (uint8 [3, S, S])."""
     return [prepare_image(r.load_image(), size) for r in records]
 
 
@@ -295,6 +297,7 @@ def run(config: PatchCoreConfig, data: str, seed: int, out: Path, mrkd_checkpoin
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: one PatchCore run (bank, scores, metrics) on one set and seed."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = PatchCoreConfig()
     p.add_argument("--data", required=True, help="elpv:mono|poly, textures:brick|grass|gravel or an MVTec folder")

@@ -2,7 +2,7 @@
 `python -m client` (all as separate processes). Prints, per scenario, frames answered / errors / lost and the
 client's exit status.
 
-  python benchmarks/resilience.py restart          # the only server SIGKILLed 6 s in, restarted on the same ports 40 s later
+  python benchmarks/resilience.py restart          # the only server SIGKILLed 6 s in, restarted on its ports 40 s later
   python benchmarks/resilience.py restart --outage 90   # down 90 s: longer than --retry-timeout, so the spool works
   python benchmarks/resilience.py failing-server   # two servers, one starts failing every inference mid-run
   python benchmarks/resilience.py orphans          # processes left after `python -m mrkd.serve` is SIGKILLed

@@ -37,6 +37,7 @@ from mrkd.triton.launcher import free_port  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
@@ -44,10 +45,12 @@ def rss_mb(pid: int) -> float:
 
 
 def phase_of(when: float, outages: list[list[float]]) -> str:
+    """Which phase a time falls in: "one down" during an outage, else "both up"."""
     return "one down" if any(start <= when < end for start, end in outages) else "both up"
 
 
 def summarize(out: Path, read: int, outages: list[list[float]]) -> dict:
+    """The soak's figures from the results file: counts by status, lost frames, p99 latency per phase."""
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     frames = [r for r in records if "frame" in r]
     statuses = {s: sum(r["status"] == s for r in frames) for s in ("ok", "invalid_score", "late", "dropped", "error",
@@ -69,6 +72,7 @@ def summarize(out: Path, read: int, outages: list[list[float]]) -> dict:
 
 
 def soak(args: argparse.Namespace, work: Path) -> dict:
+    """Runs the soak (servers, client, kills and restarts) and returns its figures."""
     rng = random.Random(args.seed)
     checkpoint = args.checkpoint or tiny_checkpoint(work)
     servers = []
@@ -150,6 +154,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: runs the soak, prints its figures, exits non-zero on a loss or on growth."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--cameras", type=int, default=8)

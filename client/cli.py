@@ -75,6 +75,7 @@ arguments, 3 done but errors or invalid scores were recorded, frames were left i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m client` (flags, help, examples)."""
     parser = argparse.ArgumentParser(
         prog="python -m client",
         description="Send camera frames to the MRKD Triton ensemble over gRPC and record a verdict for every frame.",
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parsed and checked arguments; a bad one exits with status 2 and a message naming it."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -202,6 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the client; returns the exit status (see EXAMPLES)."""
     args = parse_args(argv)
     if not args.overwrite and args.out.is_file() and args.out.stat().st_size > 0:
         print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose another --out",
@@ -325,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{writer.lines} lines written to {args.out}", file=sys.stderr)
     troubled = [s for s in summaries if s["errors"] or s["invalid"] or s["failure"] or s["spooled"]]
     for s in troubled:
-        what = [f"{s['errors']} errors" if s["errors"] else "", f"{s['invalid']} invalid scores" if s["invalid"] else "",
+        what = [f"{s['errors']} errors" if s["errors"] else "",
+                f"{s['invalid']} invalid scores" if s["invalid"] else "",
                 f"{s['spooled']} left in the spool {args.spool}" if s["spooled"] else "",
                 f"gave up: {s['failure']}" if s["failure"] else ""]
         print(f"camera {s['camera']}: {', '.join(w for w in what if w)}", file=sys.stderr)

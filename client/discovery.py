@@ -37,6 +37,7 @@ class DnsTarget:
 
 
 def is_dns_url(url: str) -> bool:
+    """Whether a --url names servers to find through DNS (dns:///NAME:PORT or dns://DNSHOST/NAME:PORT)."""
     return url.strip().lower().startswith(DNS_SCHEME)
 
 

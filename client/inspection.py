@@ -35,9 +35,18 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from mrkd.core.preprocess import to_rgb
-from mrkd.core.wire import (INPUT_FRAME, INPUT_IMAGE, OUTPUT_ANOMALY_MAP, OUTPUT_IS_ANOMALOUS,
-                            OUTPUT_RAW_SCORE, OUTPUT_SCORE, RAW_MODEL_SUFFIX, STATUS_INVALID_SCORE, STATUS_OK,
-                            decode_map)
+from mrkd.core.wire import (
+    INPUT_FRAME,
+    INPUT_IMAGE,
+    OUTPUT_ANOMALY_MAP,
+    OUTPUT_IS_ANOMALOUS,
+    OUTPUT_RAW_SCORE,
+    OUTPUT_SCORE,
+    RAW_MODEL_SUFFIX,
+    STATUS_INVALID_SCORE,
+    STATUS_OK,
+    decode_map,
+)
 
 from .servers import Server, ServerPool
 

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 from .events import RunObserver
 from .frame_queue import FrameQueue, QueueClosed
 from .inspection import DEFAULT_RETRY_TIMEOUT, InspectionClient, InspectionError, InspectionResult
+from .redact import redact
 from .report import (
     EVENT_GAP,
     EVENT_GAVE_UP,
@@ -52,7 +53,6 @@ from .report import (
     JsonlWriter,
     save_heatmap_overlay,
 )
-from .redact import redact
 from .sources import Frame, FrameSource, SourceError, SourceEvent
 from .spool import Spool, SpooledFrame
 

@@ -14,6 +14,9 @@ import urllib.request
 
 import numpy as np
 import pytest
+from helpers import REPO_ROOT
+from test_client import MjpegStreamServer, elpv_images
+from test_dashboard import get, scrape, synthetic_cameras
 
 from client.dashboard import Dashboard, DashboardError, DashboardOptions, LineState
 from client.dashboard.access import Credentials
@@ -23,11 +26,8 @@ from client.runner import MultiCameraRunner, RunOptions
 from client.servers import ServerPool
 from client.sources import SourceError, SourceOptions, open_source, parse_camera
 from client.spool import Spool
-from helpers import REPO_ROOT
 from mrkd.core.preprocess import load_image
 from mrkd.triton.launcher import free_port
-from test_client import MjpegStreamServer, elpv_images
-from test_dashboard import get, scrape, synthetic_cameras
 
 SECRET = "S3cretPw"
 

@@ -10,17 +10,15 @@ import sys
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
+from conftest import export_encoded_only
+from dns_zone import DnsServer
+from manifests import REPO_ROOT, container_port, launch, ports_free, serve_command, stop, triton_container, wait_ready
 
 from client.cli import parse_args
 from client.discovery import ResolveError, parse_dns_url, resolve
 from client.servers import ServerPool, canonical_url
-
-from conftest import export_encoded_only
-from dns_zone import DnsServer
-from manifests import REPO_ROOT, container_port, launch, ports_free, serve_command, stop, triton_container, wait_ready
 
 NAME = "triton-grpc.inspection.test"
 

@@ -13,9 +13,18 @@ from functools import lru_cache
 
 import pytest
 import yaml
-
-from manifests import (KUBERNETES, REPO_ROOT, container_port, launch, ports_free, probe_port, serve_command, stop,
-                       triton_container, wait_ready)
+from manifests import (
+    KUBERNETES,
+    REPO_ROOT,
+    container_port,
+    launch,
+    ports_free,
+    probe_port,
+    serve_command,
+    stop,
+    triton_container,
+    wait_ready,
+)
 
 OVERLAYS = ["overlays/cpu", "overlays/gpu"]
 KSERVE = "kserve"
@@ -180,7 +189,6 @@ def test_the_probes_answer_on_a_real_server_started_as_the_deployment_starts_it(
     startup, readiness and liveness probes' paths answer 200 on the port they name, gRPC answers on the grpc port, and
     the metrics port serves the series the HorizontalPodAutoscaler's adapter rule reads."""
     import tritonclient.grpc as grpcclient
-
     from conftest import export_encoded_only
 
     host = "127.0.0.9"

@@ -76,6 +76,7 @@ class Credentials:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether a listen address is on this machine only (localhost, 127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

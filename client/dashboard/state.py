@@ -17,8 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..events import CAMERA_STATES, RunObserver
-from ..report import CameraState
-from ..report import percentile
+from ..report import CameraState, percentile
 from .metrics import VERDICT_ANOMALOUS, VERDICT_INVALID, VERDICT_NORMAL, ClientMetrics, error_code, verdict_label
 
 THRESHOLD = 0.5  # the normalised score's threshold (the calibration contract, docs/serving.md)
