@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -105,6 +105,7 @@ class LineState(RunObserver):
         self.servers: dict[str, dict[str, Any]] = {url: {"url": url, "up": False, "detail": ""} for url in urls}
         self.finished = False
         self._servers_lock = threading.Lock()
+        self.mqtt_status: Callable[[], dict[str, Any]] | None = None  # client/mqtt.py, with --mqtt
 
     # -- RunObserver (runner threads) ------------------------------------------------------------------------------
     def camera_state(self, camera: str, state: str) -> None:
@@ -234,6 +235,7 @@ class LineState(RunObserver):
             "chart_seconds": self.options.chart_seconds,
             "servers": servers,
             "cameras": [self._camera_snapshot(view, any_up) for view in self.cameras.values()],
+            "mqtt": self.mqtt_status() if self.mqtt_status is not None else None,
         }
 
     def _camera_snapshot(self, view: _CameraView, any_server_up: bool) -> dict[str, Any]:
