@@ -8,8 +8,10 @@ from typing import Sequence
 
 from mrkd.core.files import user_path
 
+from .events import Observers
 from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
+from .mqtt_cli import MqttError, add_mqtt_arguments, mqtt_options, start_publisher
 from .report import JsonlWriter, Progress, print_summary
 from .runner import DEFAULT_SPOOL_WAIT, MultiCameraRunner, RunOptions
 from .servers import NoServerReady, ServerPool, canonical_url
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "the client runs, e.g. 127.0.0.1:8080 (port 0: any free port; docs/dashboard.md)")
     output.add_argument("--keep-open", action="store_true",
                         help="with --dashboard: keep the page up after the run until Ctrl-C")
+    add_mqtt_arguments(parser)
     return parser
 
 
@@ -185,6 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     elif args.keep_open:
         parser.error("--keep-open needs --dashboard")
+    args.mqtt = mqtt_options(parser, args)
     for name in ("timeout", "probe_interval", "progress_interval", "resolve_interval"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -240,6 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"spool {args.spool}: {spool.resumed} frames left by an earlier run, inspected first (status late)",
                   file=sys.stderr)
 
+    publisher = None
+    if args.mqtt is not None:
+        try:
+            publisher = start_publisher(args.mqtt, {name: args.model for name, _ in cameras})
+        except MqttError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
     raw_model = args.raw_model or f"{args.model}_raw"
     pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval,
                       probe_request_timeout=args.timeout, resolve_interval=args.resolve_interval,
@@ -294,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             dashboard.stop()
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    runner = MultiCameraRunner(cameras, client, writer, run_options, observer=dashboard.state if dashboard else None)
+    if dashboard is not None and publisher is not None:
+        publisher.attach(dashboard.state)
+    observers = [o for o in (dashboard.state if dashboard else None, publisher) if o is not None]
+    runner = MultiCameraRunner(cameras, client, writer, run_options, observer=Observers(observers))
     progress = Progress(runner.stats, args.progress, args.progress_interval)
     interrupts = 0
 
@@ -324,7 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             spool.close()
         if dashboard is not None:
             dashboard.finish()
+        if publisher is not None:
+            publisher.close()
     print_summary(summaries)
+    for line in publisher.summary_lines() if publisher is not None else ():
+        print(line, file=sys.stderr)
     print(f"{writer.lines} lines written to {args.out}", file=sys.stderr)
     troubled = [s for s in summaries if s["errors"] or s["invalid"] or s["failure"] or s["spooled"]]
     for s in troubled:

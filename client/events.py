@@ -56,3 +56,34 @@ class RunObserver:
 
     def server_state(self, url: str, up: bool, detail: str = "") -> None:
         """A server became ready (up) or stopped being ready."""
+
+
+class Observers(RunObserver):
+    """Several observers as one (the dashboard and the MQTT publisher): each gets every call, in order; one that
+    raises does not keep the others from theirs (the first exception is raised after all were called)."""
+
+    def __init__(self, observers: list[RunObserver]):
+        self.observers = observers
+
+    def _each(self, method: str, *args: Any) -> None:
+        failure: Exception | None = None
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def camera_state(self, camera: str, state: str) -> None:
+        self._each("camera_state", camera, state)
+
+    def frame_sent(self, camera: str, frame: "Frame") -> None:
+        self._each("frame_sent", camera, frame)
+
+    def frame_recorded(self, camera: str, frame: "Frame", record: dict[str, Any],
+                       result: "InspectionResult | None") -> None:
+        self._each("frame_recorded", camera, frame, record, result)
+
+    def server_state(self, url: str, up: bool, detail: str = "") -> None:
+        self._each("server_state", url, up, detail)

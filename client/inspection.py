@@ -34,7 +34,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from mrkd.core.preprocess import to_rgb
+from mrkd.core.images import to_rgb
 from mrkd.core.wire import (
     INPUT_FRAME,
     INPUT_IMAGE,
@@ -365,7 +365,7 @@ class InspectionClient:
     def _payload(self, image: np.ndarray | bytes) -> _Payload:
         if isinstance(image, (bytes, bytearray, memoryview)):
             if self.transport != "bytes":
-                from mrkd.core.preprocess import decode_image
+                from mrkd.core.images import decode_image
 
                 return _Payload(frame=decode_image(bytes(image))[None])
             if len(image) == 0:

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from mrkd.core.files import user_path
-from mrkd.core.preprocess import InvalidImageError, load_image, to_rgb
+from mrkd.core.images import InvalidImageError, load_image, to_rgb
 
 from .redact import redact
 

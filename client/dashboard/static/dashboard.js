@@ -180,6 +180,18 @@ function updateServers(servers) {
   }));
 }
 
+function updateMqtt(mqtt) {
+  // verdicts to the line over MQTT (client/mqtt.py): what the broker acknowledged, and what was dropped
+  const line = document.getElementById("mqtt");
+  line.hidden = !mqtt;
+  if (!mqtt) return;
+  const badge = document.createElement("span");
+  setBadge(badge, mqtt.dropped ? "down" : "up", mqtt.dropped ? `${mqtt.dropped} dropped` : "no loss");
+  const text = document.createElement("span");
+  text.textContent = `MQTT ${mqtt.broker}: ${mqtt.published} verdicts acknowledged, ${mqtt.pending} queued`;
+  line.replaceChildren(text, badge);
+}
+
 function showBanner(text) {
   const banner = document.getElementById("banner");
   banner.hidden = !text;
@@ -197,6 +209,7 @@ function updateSpool(spool) {  // frames waiting on disk for a server, inspected
 function update(snapshot) {
   updateServers(snapshot.servers);
   updateSpool(snapshot.spool);
+  updateMqtt(snapshot.mqtt);
   for (const camera of snapshot.cameras) updateCamera(camera, snapshot);
   const anyUp = snapshot.servers.length === 0 || snapshot.servers.some(s => s.up);
   setBadge(document.getElementById("run"), snapshot.finished ? "finished" : "running",
