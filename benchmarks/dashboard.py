@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the headless Chromium helper the browser tests use
 
-from client.report import read_jsonl  # noqa: E402
+from client.results import read_jsonl  # noqa: E402
 from mrkd.triton.launcher import TritonServer, free_port  # noqa: E402
 
 

@@ -12,7 +12,8 @@ from .events import Observers
 from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .mqtt_cli import MqttError, add_mqtt_arguments, mqtt_options, start_publisher
-from .report import JsonlWriter, Progress, print_summary
+from .progress import Progress, print_summary
+from .results import JsonlWriter
 from .runner import DEFAULT_SPOOL_WAIT, MultiCameraRunner, RunOptions
 from .servers import NoServerReady, ServerPool, canonical_url
 from .sources import SourceError, SourceOptions, open_source, parse_camera
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     if args.save_heatmaps is not None:
-        from .report import earlier_heatmaps
+        from .results import earlier_heatmaps
 
         earlier = earlier_heatmaps(args.save_heatmaps, [name for name, _ in args.camera])
         if earlier and not args.overwrite:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .inspection import InspectionResult
     from .sources import Frame
 
-from .report import CameraState
+from .stats import CameraState
 
 CAMERA_STATES = tuple(state.value for state in CameraState)  # a camera's live state, as camera_state() gets it
 

@@ -22,9 +22,7 @@ Transports:
 """
 from __future__ import annotations
 
-import itertools
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from mrkd.core.wire import (
     decode_map,
 )
 
+from ._shm import SharedMemoryRegions
 from .servers import Server, ServerPool
 
 ENCODINGS = ("jpeg", "png")
@@ -183,7 +182,7 @@ class InspectionClient:
                                    probe_request=self.probe_request, probe_request_timeout=timeout)
             self.pool.start()
         self.max_attempts = max_attempts or len(self.pool.servers) + 2
-        self._shm = _SharedMemoryRegions() if transport == "shm" else None
+        self._shm = SharedMemoryRegions() if transport == "shm" else None
         self._waiting: list[_Job] = []  # frames waiting for a ready server, oldest first
         self._waiting_lock = threading.Condition()
         self._closed = False
@@ -198,40 +197,22 @@ class InspectionClient:
     # -- public API ------------------------------------------------------------------------------------------------
     def infer(self, image: np.ndarray | bytes) -> InspectionResult:
         """Blocking: one image -> InspectionResult; raises InspectionError when no server answered (a bad input,
-        or no server ready within `retry_timeout`, or `max_attempts` failed sends)."""
-        job = _Job(self._payload(image), callback=lambda result, error: None, started=time.perf_counter())
-        while True:
-            server = self.pool.acquire()
-            if server is None:
-                now = time.monotonic()
-                if job.wait_deadline is None:
-                    job.wait_deadline = now + self.retry_timeout
-                if now >= job.wait_deadline or self._closed:
-                    raise self._error(job)
-                self.pool.wait_for_ready(min(0.5, job.wait_deadline - now))
-                continue
-            job.tried.append(server)
-            try:
-                inputs, region = self._inputs(job.payload, server)
-                try:
-                    response = server.connection.infer(
-                        self.target_model, inputs, outputs=self._outputs(), client_timeout=self.timeout
-                    )
-                finally:
-                    self._release_region(region)
-                result = self._result(response, server, job.started, job.attempts)
-            except Exception as exc:
-                job.last_error = _describe(exc)
-                if not _retryable(exc):
-                    self.pool.release(server)  # the request's fault: the server stays ready
-                    raise self._error(job) from None
-                self._server_failed(server, job.last_error)
-                if job.attempts >= self.max_attempts:
-                    raise self._error(job) from None
-                job.wait_deadline = None  # a new wait, if there is one, starts now
-                continue
-            self.pool.release(server)
-            return result
+        or no server ready within `retry_timeout`, or `max_attempts` failed sends). The same retry rules as
+        `submit`: it is `submit` waiting for its own callback."""
+        answered = threading.Event()
+        outcome: list[tuple[InspectionResult | None, InspectionError | None]] = []
+
+        def callback(result: InspectionResult | None, error: InspectionError | None) -> None:
+            outcome.append((result, error))
+            answered.set()
+
+        self.submit(image, callback)
+        answered.wait()
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
 
     def submit(self, image: np.ndarray | bytes, callback: ResultCallback) -> None:
         """Asynchronous: sends now (or as soon as a server is ready), calls callback(result, None) or
@@ -488,76 +469,3 @@ def _describe(error: BaseException) -> str:
         return f"[{status}] {text[0] if text else ''}".strip()
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-@dataclass
-class _Region:
-    name: str
-    handle: object
-    size: int
-
-
-class _SharedMemoryRegions:
-    """Triton system shared-memory regions for frames: one per request in flight, reused, registered per server."""
-
-    _ids = itertools.count()
-
-    def __init__(self):
-        from tritonclient.utils import shared_memory
-
-        self._shm = shared_memory
-        self._free: list[_Region] = []
-        self._all: list[_Region] = []
-        self._registered: dict[str, set[str]] = {}  # server url -> region names registered there
-        self._lock = threading.Lock()
-
-    def acquire(self, frame: np.ndarray, server: Server) -> _Region:
-        with self._lock:
-            fitting = [r for r in self._free if r.size >= frame.nbytes]
-            region = min(fitting, key=lambda r: r.size) if fitting else None
-            if region is not None:
-                self._free.remove(region)
-        if region is None:
-            name = f"mrkd_client_{os.getpid()}_{next(self._ids)}"
-            handle = self._shm.create_shared_memory_region(name, "/" + name, frame.nbytes, create_only=True)
-            region = _Region(name, handle, frame.nbytes)
-            with self._lock:
-                self._all.append(region)
-        try:
-            self._shm.set_shared_memory_region(region.handle, [frame])
-            with self._lock:
-                known = region.name in self._registered.setdefault(server.url, set())
-            if not known:
-                server.connection.register_system_shared_memory(region.name, "/" + region.name, region.size)
-                with self._lock:
-                    self._registered[server.url].add(region.name)
-        except Exception:
-            self.release(region)
-            raise
-        return region
-
-    def release(self, region: _Region) -> None:
-        with self._lock:
-            if region not in self._free:
-                self._free.append(region)
-
-    def forget(self, server: Server) -> None:
-        with self._lock:
-            self._registered.pop(server.url, None)
-
-    def close(self, servers: Sequence[Server]) -> None:
-        for server in servers:
-            with self._lock:
-                names = self._registered.pop(server.url, set())
-            for name in names:
-                try:
-                    server.connection.unregister_system_shared_memory(name)
-                except Exception:
-                    pass  # the server may be gone; its registrations went with it
-        with self._lock:
-            regions, self._all, self._free = self._all, [], []
-        for region in regions:
-            try:
-                self._shm.destroy_shared_memory_region(region.handle)
-            except Exception:
-                pass

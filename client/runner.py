@@ -10,7 +10,7 @@ in the client to be resent (see inspection.py). Each frame waits at most `retry_
 (counted from when it was read, or from when the servers went away if that was later; for a sent frame, from its
 failure); a frame that waited longer is recorded as an error.
 
-A camera's live state (`CameraStats.state`, a `report.CameraState`): running, waiting_for_server, reconnecting (its
+A camera's live state (`CameraStats.state`, a `stats.CameraState`): running, waiting_for_server, reconnecting (its
 stream was lost, see sources.py), stopped. Source events are lines of their own: a "gap" line when a lost stream
 came back, a "gave_up" line (with the reason) when a camera's source failed for good.
 
@@ -41,20 +41,19 @@ from .events import RunObserver
 from .frame_queue import FrameQueue, QueueClosed
 from .inspection import DEFAULT_RETRY_TIMEOUT, InspectionClient, InspectionError, InspectionResult
 from .redact import redact
-from .report import (
+from .results import (
     EVENT_GAP,
     EVENT_GAVE_UP,
     STATUS_DROPPED,
     STATUS_ERROR,
     STATUS_LATE,
     STATUS_SPOOLED,
-    CameraState,
-    CameraStats,
     JsonlWriter,
     save_heatmap_overlay,
 )
 from .sources import Frame, FrameSource, SourceError, SourceEvent
 from .spool import Spool, SpooledFrame
+from .stats import CameraState, CameraStats
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 SPOOL_IN_FLIGHT = 2  # spooled frames sent at a time (the live cameras keep the rest of the servers' capacity)

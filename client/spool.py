@@ -25,7 +25,7 @@ import numpy as np
 
 from mrkd.core.files import atomic_path
 
-from .report import lock_exclusively
+from .results import lock_exclusively
 
 _NAME = re.compile(r"^(\d{12})-.*\.npz$")
 DEFAULT_SPOOL_MB = 1024.0

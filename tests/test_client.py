@@ -14,7 +14,8 @@ from helpers import start_serve, tritonserver_of
 from client.cli import build_parser, parse_args
 from client.frame_queue import FrameQueue, QueueClosed
 from client.inspection import InspectionClient, encode_image
-from client.report import CameraStats, JsonlWriter, format_summary, read_jsonl
+from client.progress import format_summary
+from client.results import JsonlWriter, read_jsonl
 from client.servers import NoServerReady, ServerPool, normalize_url
 from client.sources import (
     FolderSource,
@@ -25,6 +26,7 @@ from client.sources import (
     parse_camera,
     parse_synthetic,
 )
+from client.stats import CameraStats
 from mrkd.core.preprocess import decode_image, load_image
 from mrkd.triton.launcher import free_port
 
@@ -638,10 +640,10 @@ def test_camera_names_must_match_entirely_and_are_never_dot_or_dotdot(name):
 def test_camera_stats_memory_is_bounded_and_fps_is_not_capped(monkeypatch):
     """Latencies go into a fixed-size histogram, not a list that grows with the run; the progress line counts every
     answer of the last seconds (it showed at most ~100 fps per camera)."""
-    import client.report as report
+    import client.stats as stats_module
 
     now = {"t": 1000.0}
-    monkeypatch.setattr(report.time, "monotonic", lambda: now["t"])
+    monkeypatch.setattr(stats_module.time, "monotonic", lambda: now["t"])
     stats = CameraStats("cam")
     stats.started = now["t"]
     rng = np.random.default_rng(0)
@@ -783,8 +785,8 @@ def test_a_bad_input_is_never_retried(served_model, faulty_served_model):
 def test_camera_state_is_explicit_waiting_for_server_then_stopped(tmp_path):
     """No server is ready: a live camera's frames wait in its queue (state waiting_for_server), nothing is sent and
     burned as an error; when the run stops they are recorded as dropped."""
-    from client.report import CameraState
     from client.runner import MultiCameraRunner, RunOptions
+    from client.stats import CameraState
 
     url = f"127.0.0.1:{free_port()}"
     pool = ServerPool([url], "mrkd", probe_interval=0.2, probe_timeout=0.2)
@@ -975,7 +977,7 @@ def test_frames_wait_while_the_only_server_is_killed_and_restarted(tiny_checkpoi
 def test_progress_in_a_log_is_a_line_per_camera_every_ten_seconds_and_live_on_a_terminal():
     import io
 
-    from client.report import Progress
+    from client.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -21,7 +21,7 @@ from test_dashboard import get, scrape, synthetic_cameras
 from client.dashboard import Dashboard, DashboardError, DashboardOptions, LineState
 from client.dashboard.access import Credentials
 from client.inspection import InspectionClient
-from client.report import JsonlWriter, OutputInUse, read_jsonl
+from client.results import JsonlWriter, OutputInUse, read_jsonl
 from client.runner import MultiCameraRunner, RunOptions
 from client.servers import ServerPool
 from client.sources import SourceError, SourceOptions, open_source, parse_camera

@@ -30,7 +30,7 @@ for info in pkgutil.walk_packages(client.__path__, "client."):
     importlib.import_module(info.name)
 from client.dashboard.images import thumbnail_jpeg
 from client.inspection import encode_image
-from client.report import save_heatmap_overlay
+from client.results import save_heatmap_overlay
 from client.sources import FolderSource
 from mrkd.core.images import decode_image
 image = np.random.default_rng(0).integers(0, 256, (40, 60), dtype=np.uint8)

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from client.dashboard import Dashboard, DashboardError, DashboardOptions, LineState, error_code, parse_address
 from client.events import RunObserver
 from client.inspection import InspectionClient
-from client.report import JsonlWriter, read_jsonl
+from client.results import JsonlWriter, read_jsonl
 from client.runner import MultiCameraRunner, RunOptions
 from client.sources import SourceOptions, SyntheticSource, open_source, parse_synthetic
 from mrkd.triton.launcher import TritonServer, free_port

@@ -95,7 +95,7 @@ def test_top_level_is_commands_and_public_api():
 
 # one file per concern: the modules each package must hold (the split of docs/DESIGN.md)
 MODULES = {
-    "core": {"config", "errors", "files", "options", "preprocess", "wire"},
+    "core": {"config", "errors", "files", "images", "options", "preprocess", "wire"},
     "runtime": {"calibration", "checkpoint", "convert", "detector", "errors", "evaluation", "metrics",
                 "network_export", "network_runtime", "runners", "training", "visualize", "weights"},
     "triton": {"configs", "errors", "launcher", "models", "publish", "repository"},
@@ -105,6 +105,17 @@ MODULES = {
 @pytest.mark.parametrize("package", sorted(MODULES))
 def test_packages_hold_their_modules(package: str):
     assert {p.stem for p in (PACKAGE / package).glob("*.py")} - {"__init__"} == MODULES[package]
+
+
+CLIENT_MODULES = {"_shm", "cli", "discovery", "events", "frame_queue", "inspection", "mqtt", "mqtt_cli", "progress",
+                  "redact", "results", "runner", "servers", "sources", "spool", "stats"}
+
+
+def test_client_holds_its_modules():
+    """The client split by job (as tritonclient's grpc/): results file, statistics, terminal display, shared
+    memory, each in its own module."""
+    client = PACKAGE.parent / "client"
+    assert {p.stem for p in client.glob("*.py")} - {"__init__", "__main__"} == CLIENT_MODULES
 
 
 def test_wire_contract_imports_without_torch():

@@ -201,7 +201,7 @@ def start_client(served_model, tmp_path: Path, broker: Broker, *extra: str) -> t
 @pytest.mark.slow
 def test_every_answered_frame_reaches_a_subscriber_through_a_broker_restart(served_model, broker: Broker,
                                                                              tmp_path: Path):
-    from client.report import read_jsonl
+    from client.results import read_jsonl
 
     subscriber = Subscriber(broker, "plant/#")
     client, out = start_client(served_model, tmp_path, broker, "--max-frames", "40")

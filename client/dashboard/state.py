@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..events import CAMERA_STATES, RunObserver
-from ..report import CameraState, percentile
+from ..stats import CameraState, percentile
 from .metrics import VERDICT_ANOMALOUS, VERDICT_INVALID, VERDICT_NORMAL, ClientMetrics, error_code, verdict_label
 
 THRESHOLD = 0.5  # the normalised score's threshold (the calibration contract, docs/serving.md)
