@@ -10,13 +10,16 @@ Examples:
   python -m mrkd.demo --cameras 4 --steps 300
   python -m mrkd.demo --retrain              # ignore a finished checkpoint from an earlier run
   python -m mrkd.demo --keep-open            # keep the page (and the server) up after the run, until Ctrl-C
-  python -m mrkd.demo --dashboard 0.0.0.0:9000   # the page for other machines; --no-dashboard: none
+  MRKD_DASHBOARD_TOKEN=... python -m mrkd.demo --dashboard 0.0.0.0:9000   # the page for other machines
+  python -m mrkd.demo --steps 30 --no-dashboard   # a short training budget (what CI runs), no page
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -110,6 +113,16 @@ class PreflightError(MRKDError, RuntimeError):
     exit_code = 2
 
 
+DASHBOARD_CREDENTIALS = ("MRKD_DASHBOARD_TOKEN", "MRKD_DASHBOARD_USER")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def preflight(out: Path, dashboard: str | None) -> str | None:
     """Checks what can fail after the long training step, before it: the output folder is writable, tritonserver
     is installed, the dashboard's address is free. Returns the dashboard's HOST:PORT (None: no dashboard)."""
@@ -128,6 +141,11 @@ def preflight(out: Path, dashboard: str | None) -> str | None:
         return None
     address = dashboard_address(dashboard)
     host, _, port = address.rpartition(":")
+    if not _is_loopback(host) and not any(os.environ.get(name) for name in DASHBOARD_CREDENTIALS):
+        # the client refuses a page reachable from other machines without credentials (client/dashboard/access.py)
+        raise PreflightError(f"the dashboard at {address} would be reachable from other machines: set "
+                             f"MRKD_DASHBOARD_TOKEN (or MRKD_DASHBOARD_USER and MRKD_DASHBOARD_PASSWORD) first "
+                             f"(docs/dashboard.md), or use a loopback --dashboard address")
     with socket.socket() as probe:
         try:
             probe.bind((host, int(port)))

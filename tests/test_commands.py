@@ -158,3 +158,13 @@ def test_demo_keeps_its_trained_model_when_a_later_step_fails_and_reuses_it(tmp_
     assert second.returncode == 1, second.stderr[-3000:]
     assert "[1/5] reusing the trained model" in second.stderr
     assert "[1/5] training" not in second.stderr
+
+
+def test_demo_refuses_a_page_for_other_machines_without_credentials_before_training(tmp_path: Path):
+    """The client would refuse such a page after training: the demo says so first."""
+    env_free = {k: v for k, v in os.environ.items() if not k.startswith("MRKD_DASHBOARD_")}
+    result = subprocess.run([sys.executable, "-m", "mrkd.demo", "--out", "runs/demo", "--steps", "1",
+                             "--dashboard", "0.0.0.0:0"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=dict(env_free, PYTHONPATH=str(REPO_ROOT)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "MRKD_DASHBOARD_TOKEN" in result.stderr and "training" not in result.stderr
