@@ -197,22 +197,33 @@ class InspectionClient:
     # -- public API ------------------------------------------------------------------------------------------------
     def infer(self, image: np.ndarray | bytes) -> InspectionResult:
         """Blocking: one image -> InspectionResult; raises InspectionError when no server answered (a bad input,
-        or no server ready within `retry_timeout`, or `max_attempts` failed sends). The same retry rules as
-        `submit`: it is `submit` waiting for its own callback."""
-        answered = threading.Event()
-        outcome: list[tuple[InspectionResult | None, InspectionError | None]] = []
-
-        def callback(result: InspectionResult | None, error: InspectionError | None) -> None:
-            outcome.append((result, error))
-            answered.set()
-
-        self.submit(image, callback)
-        answered.wait()
-        result, error = outcome[0]
-        if error is not None:
-            raise error
-        assert result is not None
-        return result
+        or no server ready within `retry_timeout`, or `max_attempts` failed sends). The same retry policy as
+        `submit` (`_wait_is_over`, `_retry_after`), with a blocking call: it also runs under gevent (locust),
+        where a callback from gRPC's threads could not wake a waiting greenlet."""
+        job = _Job(self._payload(image), callback=lambda result, error: None, started=time.perf_counter())
+        while True:
+            server = self.pool.acquire()
+            if server is None:
+                if self._wait_is_over(job):
+                    raise self._error(job)
+                self.pool.wait_for_ready(min(0.5, max(job.wait_deadline - time.monotonic(), 0.0)))
+                continue
+            job.tried.append(server)
+            try:
+                inputs, region = self._inputs(job.payload, server)
+                try:
+                    response = server.connection.infer(
+                        self.target_model, inputs, outputs=self._outputs(), client_timeout=self.timeout
+                    )
+                finally:
+                    self._release_region(region)
+                result = self._result(response, server, job.started, job.attempts)
+            except Exception as exc:
+                if not self._retry_after(job, server, exc):
+                    raise self._error(job) from None
+                continue
+            self.pool.release(server)
+            return result
 
     def submit(self, image: np.ndarray | bytes, callback: ResultCallback) -> None:
         """Asynchronous: sends now (or as soon as a server is ready), calls callback(result, None) or
@@ -280,17 +291,10 @@ class InspectionClient:
                 self.pool.release(server)
                 job.callback(answer, None)
                 return
-            job.last_error = _describe(error)
-            if not _retryable(error):  # the request's fault: the server stays ready, nothing is retried
-                self.pool.release(server)
+            if self._retry_after(job, server, error):
+                self._send(job)
+            else:
                 job.callback(None, self._error(job))
-                return
-            self._server_failed(server, job.last_error)
-            if job.attempts >= self.max_attempts:
-                job.callback(None, self._error(job))
-                return
-            job.wait_deadline = None  # a new wait, if there is one, starts now
-            self._send(job)
 
         try:
             inputs, region = self._inputs(job.payload, server)
@@ -300,14 +304,35 @@ class InspectionClient:
         except Exception as exc:  # the send itself failed (closed channel, shared memory registration)
             done(result=None, error=exc)
 
-    def _wait(self, job: _Job) -> None:
-        """No server is ready: the frame waits (the scheduler thread sends it when one is), until its deadline."""
+    # -- the retry policy (one, for infer and submit) ----------------------------------------------------------------
+    def _retry_after(self, job: _Job, server: Server, error: BaseException) -> bool:
+        """A send failed: whether to send the frame again. A bad input is the request's fault (the server stays
+        ready, nothing is retried); any other failure is the server's (it is marked not ready) and the frame goes
+        again, `max_attempts` sends at most, with a new wait for a ready server."""
+        job.last_error = _describe(error)
+        if not _retryable(error):
+            self.pool.release(server)
+            return False
+        self._server_failed(server, job.last_error)
+        if job.attempts >= self.max_attempts:
+            return False
+        job.wait_deadline = None  # a new wait, if there is one, starts now
+        return True
+
+    def _wait_is_over(self, job: _Job) -> bool:
+        """No server is ready: starts the frame's wait (`retry_timeout`) if it has none; True once it is over or
+        the client is closed."""
         now = time.monotonic()
         if job.wait_deadline is None:
             job.wait_deadline = now + self.retry_timeout
+        return now >= job.wait_deadline or self._closed
+
+    def _wait(self, job: _Job) -> None:
+        """No server is ready: the frame waits (the scheduler thread sends it when one is), until its deadline."""
+        over = self._wait_is_over(job)
         with self._waiting_lock:
             closed = self._closed
-            if not closed and now < job.wait_deadline:
+            if not closed and not over:
                 self._waiting.append(job)
                 if self._scheduler is None:
                     self._scheduler = threading.Thread(target=self._schedule, name="retry-scheduler", daemon=True)
