@@ -194,6 +194,12 @@ class CameraStats:
         with self._lock:
             return self.answered + self.dropped + self.errors + self.late + self.spooled
 
+    def _counts(self) -> dict[str, Any]:
+        """What snapshot and summary both report: the counts and why the camera gave up (the caller holds the lock)."""
+        return {"read": self.read, "answered": self.answered, "anomalous": self.anomalous, "invalid": self.invalid,
+                "dropped": self.dropped, "errors": self.errors, "late": self.late, "spooled": self.spooled,
+                "gaps": self.gaps, "failure": self.failure}
+
     def snapshot(self, window_s: float = 5.0) -> dict[str, Any]:
         """Figures for the progress line: answers/s and latency percentiles over the last `window_s` seconds (at
         most 10), counts, state."""
@@ -208,16 +214,7 @@ class CameraStats:
                 "fps": recent.count / span if span > 0 else 0.0,
                 "p50_ms": latencies.percentile(50),
                 "p99_ms": latencies.percentile(99),
-                "read": self.read,
-                "answered": self.answered,
-                "anomalous": self.anomalous,
-                "invalid": self.invalid,
-                "dropped": self.dropped,
-                "errors": self.errors,
-                "late": self.late,
-                "spooled": self.spooled,
-                "gaps": self.gaps,
-                "failure": self.failure,
+                **self._counts(),
             }
 
     def summary(self) -> dict[str, Any]:
@@ -227,16 +224,7 @@ class CameraStats:
             return {
                 "camera": self.camera,
                 "state": self.state.value,
-                "read": self.read,
-                "answered": self.answered,
-                "anomalous": self.anomalous,
-                "invalid": self.invalid,
-                "dropped": self.dropped,
-                "errors": self.errors,
-                "late": self.late,
-                "spooled": self.spooled,
-                "gaps": self.gaps,
-                "failure": self.failure,
+                **self._counts(),
                 "seconds": elapsed,
                 "fps": self.answered / elapsed,
                 "p50_ms": self.latencies.percentile(50),
