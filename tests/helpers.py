@@ -2,14 +2,26 @@
 processes under it, and a recorder of fsyncs and renames."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import select
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package), registered in sys.modules: dataclasses
+    look their module up by name."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def start_serve(repo: Path, ports: tuple[int, int, int] = (0, 0, 0), log: Path | None = None,

@@ -1,21 +1,9 @@
 """The statistics behind docs/results.md: the paired bootstrap CI of MRKD - RD4AD and the partial report."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_benchmark
 from sklearn.metrics import roc_auc_score
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_result(labels, scores) -> dict:
@@ -24,7 +12,7 @@ def run_result(labels, scores) -> dict:
 
 @pytest.mark.slow  # thousands of bootstrap resamples
 def test_identical_methods_give_a_zero_difference_and_a_zero_width_interval():
-    accuracy = load_accuracy()
+    accuracy = load_benchmark("accuracy")
     rng = np.random.default_rng(1)
     labels = np.r_[np.zeros(30), np.ones(30)]
     runs = [run_result(labels, rng.normal(size=60) + labels) for _ in range(3)]
@@ -34,7 +22,7 @@ def test_identical_methods_give_a_zero_difference_and_a_zero_width_interval():
 
 @pytest.mark.slow  # thousands of bootstrap resamples
 def test_a_clearly_better_method_has_an_interval_above_zero_around_the_observed_difference():
-    accuracy = load_accuracy()
+    accuracy = load_benchmark("accuracy")
     rng = np.random.default_rng(2)
     labels = np.r_[np.zeros(40), np.ones(40)]
     better, worse = [], []
@@ -52,7 +40,7 @@ def test_a_clearly_better_method_has_an_interval_above_zero_around_the_observed_
 
 
 def test_runs_that_do_not_share_their_test_images_are_refused():
-    accuracy = load_accuracy()
+    accuracy = load_benchmark("accuracy")
     a = run_result([0, 1], [0.1, 0.9])
     b = {"scores": {"other0": (0, 0.1), "other1": (1, 0.9)}}
     with pytest.raises(ValueError, match="share their test images"):
@@ -61,7 +49,7 @@ def test_runs_that_do_not_share_their_test_images_are_refused():
 
 @pytest.mark.slow  # thousands of bootstrap resamples
 def test_a_partial_report_pairs_only_the_seeds_both_methods_have(tmp_path):
-    accuracy = load_accuracy()
+    accuracy = load_benchmark("accuracy")
     rng = np.random.default_rng(3)
     labels = np.r_[np.zeros(20), np.ones(20)]
     results = {}
@@ -82,7 +70,7 @@ def test_a_partial_report_pairs_only_the_seeds_both_methods_have(tmp_path):
 
 
 def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itself(tmp_path):
-    accuracy = load_accuracy()
+    accuracy = load_benchmark("accuracy")
     rng = np.random.default_rng(4)
     labels = np.r_[np.zeros(20), np.ones(20)]
     results = {}

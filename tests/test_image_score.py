@@ -1,16 +1,10 @@
 """The top-k image score of benchmarks/image_score.py against hand-computed values."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("image_score_benchmark", ROOT / "benchmarks" / "image_score.py")
-image_score = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = image_score
-spec.loader.exec_module(image_score)
+image_score = load_benchmark("image_score")
 
 
 def test_top_k_mean_averages_the_k_largest_pixels_of_each_map():

@@ -1,27 +1,14 @@
 """The PatchCore peer of benchmarks/patchcore.py against independent references on small data."""
-import importlib.util
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 from scipy.spatial.distance import cdist
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_patchcore():
-    spec = importlib.util.spec_from_file_location("patchcore_benchmark", ROOT / "benchmarks" / "patchcore.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-pc = load_patchcore()
+pc = load_benchmark("patchcore")
 
 
 def covering_radius(points: np.ndarray, centres) -> float:
