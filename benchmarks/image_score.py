@@ -1,15 +1,23 @@
-"""Image score from a trained MRKD detector's maps: the maximum of the smoothed map against top-k means, on one run.
+"""How a trained MRKD detector's maps become scores: which scales are summed, the smoothing, the image reduction.
 
   python benchmarks/image_score.py --checkpoint runs/accuracy/textures-grass/mrkd/seed7/checkpoint.pt \\
       --data textures:grass --out runs/diag/grass7-image-score.json
+  python benchmarks/image_score.py --checkpoint runs/diag/poly7/checkpoint.pt --data elpv:poly \\
+      --scales 0+1+2,1+2,0+1,2 --sigmas 2,4,8 --ks 1,100
 
-No training: the test maps of one checkpoint are computed once (the product's Detector, torch, fp32, one thread)
-and each pooling is scored on them. Use a checkpoint of a seed the reported tables do not use (e.g. 7): choosing the
-pooling on a reported test split would tune on it. k counts pixels of the S x S map (k = 1 is the product's max).
+No training: the teacher and student features of the test images are computed once (the product's network, torch,
+fp32, one thread) and each variant is scored on them with the plain-PyTorch anomaly map (mrkd.ops'
+reference). A variant is a set of scales (indices into the network's taps, 0 = stride 4, 1 = stride 8, 2 = stride
+16; the product sums 1 and 2 by default), the local average of the features before the distance (PatchCore's
+neighbourhood aggregation), a Gaussian sigma in pixels at the model's image size (the product: 4 at 256 px,
+scaled with the size) and k, the number of map pixels averaged for the image score (k = 1 is the product's max).
+Use a checkpoint of a seed the reported tables do not use (e.g. 7): choosing a variant on a reported test split
+would tune on it.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -19,11 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mrkd.core.files import user_path, write_json  # noqa: E402
+from mrkd.core.preprocess import normalize, prepare_image  # noqa: E402
 from mrkd.data import open_dataset  # noqa: E402
+from mrkd.ops import anomaly_map_reference  # noqa: E402
 from mrkd.runtime.checkpoint import load_checkpoint  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
-from mrkd.runtime.evaluation import run_detector  # noqa: E402
-from mrkd.runtime.metrics import image_auroc  # noqa: E402
+from mrkd.runtime.evaluation import resized_masks  # noqa: E402
+from mrkd.runtime.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 
 DEFAULT_KS = "1,10,100,1000"
 
@@ -36,13 +46,42 @@ def top_k_mean(maps: np.ndarray, k: int) -> np.ndarray:
     return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1)
 
 
+def parse_scales(text: str) -> list[tuple[int, ...]]:
+    """"0+1+2,1+2" -> [(0, 1, 2), (1, 2)]."""
+    return [tuple(sorted({int(i) for i in part.split("+")})) for part in text.split(",") if part]
+
+
+@torch.inference_mode()
+def test_features(detector: Detector, records: list, batch_size: int = 16) -> tuple[list[list], list[list]]:
+    """Teacher and student feature lists of every test record, per batch (CPU tensors)."""
+    teachers, students = [], []
+    for i in range(0, len(records), batch_size):
+        batch = torch.stack([prepare_image(r.load_image(), detector.image_size) for r in records[i : i + batch_size]])
+        teacher, student = detector.network(normalize(batch))
+        teachers.append([t.float().cpu() for t in teacher])
+        students.append([s.float().cpu() for s in student])
+    return teachers, students
+
+
+def variant_maps(teachers: list[list], students: list[list], scales: tuple[int, ...], size: int,
+                 sigma: float, pool: int = 1) -> np.ndarray:
+    """[N, S, S] maps summed over the chosen scales (features averaged over pool x pool first), smoothed."""
+    maps = [anomaly_map_reference(t, s, (size, size), sigma, scales, pool)[0][:, 0] for t, s in zip(teachers, students)]
+    return torch.cat(maps).numpy()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line: prints the image AUROC of each image-score reduction."""
+    """The command line: prints image AUROC (and pixel AUROC / AU-PRO where the data has masks) per variant."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--ks", default=DEFAULT_KS, help=f"comma-separated pixel counts (default {DEFAULT_KS})")
-    p.add_argument("--out", default=None, help="write the AUROCs to this JSON file")
+    p.add_argument("--scales", default=None, help="comma-separated scale sets, e.g. 0+1+2,1+2 (default: the "
+                   "model's)")
+    p.add_argument("--sigmas", default=None, help="comma-separated sigmas in pixels (default: the model's)")
+    p.add_argument("--pools", default=None, help="comma-separated neighbourhood sizes averaged before the distance "
+                   "(default: the model's; 1: none; 3: PatchCore's local aggregation)")
+    p.add_argument("--out", default=None, help="write the results to this JSON file")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -50,16 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     payload = load_checkpoint(checkpoint)
     seed = int((payload.get("train_config") or {}).get("seed", 111))
     detector = Detector.from_payload(payload, precision="fp32")
+    size = detector.image_size
     test = open_dataset(a.data, seed=seed).test
-    run = run_detector(detector, test, show=False)
     labels = np.array([r.label for r in test])
-    if not np.allclose(top_k_mean(run.maps, 1), run.scores, rtol=1e-5, atol=1e-6):
-        raise RuntimeError("the map maximum differs from the detector's score: maps and scores do not match")
-    results = {f"top{k}": image_auroc(labels, top_k_mean(run.maps, int(k))) for k in a.ks.split(",")}
-    for name, value in results.items():
-        print(f"{a.data} seed {seed} {name:8s} image AUROC {value:.4f}")
+    has_masks = any(r.load_mask is not None for r in test)
+    masks = resized_masks(test, size) if has_masks else None
+    teachers, students = test_features(detector, test)
+    sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else [detector.config.blur_sigma]
+    results = []
+    pools = [int(v) for v in a.pools.split(",")] if a.pools else [detector.config.feature_pool]
+    scale_sets = parse_scales(a.scales) if a.scales else [detector.config.map_scales]
+    for scales, sigma, pool in itertools.product(scale_sets, sigmas, pools):
+        maps = variant_maps(teachers, students, scales, size, sigma, pool)
+        row = {"scales": "+".join(map(str, scales)), "sigma": sigma, "pool": pool}
+        if has_masks:
+            row.update(pixel_auroc=pixel_auroc(masks, maps), aupro=aupro(masks, maps))
+        row.update({f"top{k}": image_auroc(labels, top_k_mean(maps, int(k))) for k in a.ks.split(",")})
+        results.append(row)
+        print(f"{a.data} seed {seed} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in row.items()), flush=True)
     if a.out:
-        write_json(user_path(a.out), {"checkpoint": str(checkpoint), "data": a.data, "seed": seed, **results})
+        write_json(user_path(a.out), {"checkpoint": str(checkpoint), "data": a.data, "seed": seed,
+                                      "variants": results})
     return 0
 
 

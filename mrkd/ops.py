@@ -119,6 +119,24 @@ def reflect_indices(size: int, radius: int, device: torch.device | str = "cpu") 
     return torch.where(folded < size, folded, period - 1 - folded)
 
 
+def local_average(features: Sequence[torch.Tensor], pool: int) -> list[torch.Tensor]:
+    """Each [B, C, H, W] map averaged over the pool x pool neighbourhood of every position (stride 1, same size;
+    border positions average the pixels inside the map). pool 1 returns the maps as they are."""
+    if pool < 1 or pool % 2 == 0:
+        raise ValueError(f"the feature pool must be an odd size >= 1, got {pool}")
+    if pool == 1:
+        return list(features)
+    return [F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False) for f in features]
+
+
+def _selected(features: Sequence[torch.Tensor], scales: Sequence[int] | None, pool: int) -> list[torch.Tensor]:
+    if scales is not None:
+        if not scales or any(not 0 <= i < len(features) for i in scales):
+            raise ValueError(f"scales must be indices of the {len(features)} feature maps, got {list(scales)}")
+        features = [features[i] for i in scales]
+    return local_average(features, pool)
+
+
 def reflect_pad(maps: torch.Tensor, radius: int, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     """Pad the given dims of `maps` by `radius` with scipy's "reflect" border (any radius)."""
     for dim in dims:
@@ -177,9 +195,12 @@ def anomaly_map_reference(
     student: Sequence[torch.Tensor],
     out_size: tuple[int, int],
     sigma: float = 4.0,
+    scales: Sequence[int] | None = None,
+    pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
     non-finite feature value)."""
+    teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     size = _validate(teacher, student, out_size, sigma)
     summed, invalid = _distances(teacher, student, size)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
@@ -193,14 +214,19 @@ def anomaly_map(
     student: Sequence[torch.Tensor],
     out_size: tuple[int, int],
     sigma: float = 4.0,
+    scales: Sequence[int] | None = None,
+    pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused anomaly map: (maps [B, 1, H, W] float32, scores [B] float32, the max of each smoothed map).
 
+    `scales` picks the feature pairs to use (default all) and `pool` averages each over a pool x pool
+    neighbourhood first (see local_average; 1 = none): both in PyTorch, before the fused operator.
     Per scale 1 - cosine similarity over channels, bilinear upsampling (align_corners=True) to out_size, sum
     over scales, Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect" border; sigma 0 = none), max.
     An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
+    teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     height, width = _validate(teacher, student, out_size, sigma)
     if not native_available():
         if not _fallback_warned:

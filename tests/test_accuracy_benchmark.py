@@ -74,7 +74,8 @@ def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itse
     rng = np.random.default_rng(4)
     labels = np.r_[np.zeros(20), np.ones(20)]
     results = {}
-    for dataset, variants in (("textures:grass", ("PatchCore 10%", "MRKD")), ("elpv:mono", ("PatchCore 10%",))):
+    for dataset, variants in (("textures:grass", ("PatchCore 10%", "MRKD")), ("elpv:mono", ("PatchCore 10%",)),
+                              ("elpv:poly", ("PatchCore 1%", "MRKD"))):
         for variant in variants:
             result = run_result(labels, labels * (2.0 if variant == "MRKD" else 0.2) + rng.normal(size=40))
             result.update(image_auroc=0.5, pixel_auroc=0.9, aupro=0.8 if variant == "MRKD" else 0.7,
@@ -90,10 +91,12 @@ def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itse
     first = out.read_text()
     assert first.startswith("# Results\n\ntable\n") and "\nnotes\n" in first
     assert "| textures:grass | PatchCore 10% | 1 |" in first and "600 x 1024 (2 MB)" in first
-    grass = next(line for line in first.splitlines() if line.startswith("| textures:grass | 111 |"))
+    grass = next(line for line in first.splitlines() if line.startswith("| textures:grass | PatchCore 10% | 111 |"))
     assert "MRKD better" in grass and grass.endswith("| +0.100 |")
-    assert "| elpv:mono | none |" in first
+    poly = next(line for line in first.splitlines() if line.startswith("| elpv:poly | PatchCore 1% | 111 |"))
+    assert "MRKD better" in poly  # no 10% bank there: paired with the 1% bank
+    assert "| elpv:mono | - | none |" in first
     accuracy.write_section(accuracy.patchcore_section(results, runs[:1], [111], ["--study", "patchcore"], 200), out)
     second = out.read_text()
-    assert second.count(accuracy.PATCHCORE_SECTION[0]) == 1 and "| elpv:mono | none |" not in second
+    assert second.count(accuracy.PATCHCORE_SECTION[0]) == 1 and "| elpv:mono | - | none |" not in second
     assert second.startswith("# Results\n\ntable\n") and "\nnotes\n" in second

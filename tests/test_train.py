@@ -9,6 +9,7 @@ from mrkd import Detector
 from mrkd.core.config import ModelConfig, TrainConfig
 from mrkd.data import open_dataset
 from mrkd.runtime.checkpoint import load_checkpoint
+from mrkd.runtime.errors import CheckpointError
 from mrkd.runtime.training import train
 from mrkd.train import main as train_main
 
@@ -54,6 +55,17 @@ def test_resume_continues_exactly(trained, tmp_path):
     straight = load_checkpoint(trained)
     assert resumed["losses"][:3] == first["losses"]
     np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
+
+
+def test_resume_may_change_how_the_map_is_read_but_not_the_network(trained, tmp_path):
+    """A run trained before the map options existed (or with other values) continues; its checkpoint then holds the
+    new map settings. Another network or masking is refused."""
+    train(tiny(tmp_path, steps=3, feature_pool=1, map_scales=(0, 1, 2)), show_progress=False)
+    resumed = load_checkpoint(train(tiny(tmp_path, steps=4, resume=True), show_progress=False))
+    np.testing.assert_allclose(resumed["losses"], load_checkpoint(trained)["losses"], rtol=1e-6)
+    assert resumed["model_config"]["feature_pool"] == 3 and tuple(resumed["model_config"]["map_scales"]) == (1, 2)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train(tiny(tmp_path, steps=5, flm=False, resume=True), show_progress=False)
 
 
 @pytest.mark.slow  # trains a model

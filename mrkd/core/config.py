@@ -4,15 +4,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .options import on_off, option
+from .errors import OptionError
+from .options import int_list, on_off, option
 
 MRKD_VERSION = "0.1.0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_BACKBONE = "mobilenet_v2"
 SIGMA_AT_256 = 4.0
-# Optimizer steps of the embedded default (elpv:mono, MobileNetV2, 256 px): what 10 minutes of 2 CPU cores buy.
-DEFAULT_STEPS = 1200
+# Teacher and student features are averaged over this neighbourhood before the distance (PatchCore's locally aware
+# features); checkpoints written before the option existed used 1 (none).
+DEFAULT_FEATURE_POOL = 3
+# The teacher taps whose distances are summed into the map (0 = stride 4, 1 = stride 8, 2 = stride 16); the student
+# still restores all three in training. Checkpoints written before the option existed summed all three.
+DEFAULT_MAP_SCALES = (1, 2)
+N_TAPS = 3
+# ModelConfig fields that only say how the map is read from the features (a run may resume with other values)
+MAP_SETTINGS = ("sigma", "feature_pool", "map_scales")
+# Optimizer steps of the embedded default (elpv:mono, MobileNetV2, 256 px): about 10 minutes of 2 CPU cores of the
+# slower kind (fp32); more steps did not help on the dropped seed (docs/results.md, issue 18).
+DEFAULT_STEPS = 600
 
 
 @dataclass
@@ -25,8 +36,19 @@ class ModelConfig:
     flm_ratio: float = 0.2
     inference_mask: bool = False  # the reference code's random test-time mask; off = deterministic
     sigma: float | None = None  # Gaussian sigma in pixels; None = 4 at 256 px, scaled with image_size
+    feature_pool: int = DEFAULT_FEATURE_POOL  # k x k local average of the features before the distance (1 = none)
+    map_scales: tuple[int, ...] = DEFAULT_MAP_SCALES  # taps summed into the anomaly map
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.feature_pool < 1 or self.feature_pool % 2 == 0:
+            raise OptionError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}", "feature_pool")
+        scales = tuple(self.map_scales)
+        if not scales or len(set(scales)) != len(scales) or not set(scales) <= set(range(N_TAPS)):
+            raise OptionError(f"map_scales must be distinct tap indices among 0, 1, 2 (stride 4, 8, 16), got "
+                              f"{list(scales)}", "map_scales")
+        self.map_scales = tuple(sorted(scales))
 
     @property
     def blur_sigma(self) -> float:
@@ -39,6 +61,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        values.setdefault("feature_pool", 1)  # what a checkpoint from before these options computed
+        values.setdefault("map_scales", tuple(range(N_TAPS)))
         return cls(**values)
 
 
@@ -73,6 +97,12 @@ class TrainConfig:
                    "measured for a built-in source; unknown categories get the texture row)")
     flm: bool = option(True, type=on_off, metavar="on|off", help="feature-level masking (default on)")
     flm_ratio: float = 0.2
+    feature_pool: int = option(DEFAULT_FEATURE_POOL, type=int,
+                               help=f"average teacher and student features over a k x k neighbourhood before their "
+                                    f"distance (default {DEFAULT_FEATURE_POOL}; 1: none)")
+    map_scales: tuple[int, ...] = option(DEFAULT_MAP_SCALES, type=int_list,
+                                         help="teacher taps summed into the anomaly map, 0 = stride 4, 1 = stride 8, "
+                                              "2 = stride 16 (default 1,2; all three are trained)")
     save_every: int = option(250, type=int, help="checkpoint every K steps (0: only at the end)")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     # training compute: fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)
@@ -84,7 +114,8 @@ class TrainConfig:
     resume: bool = option(False, action="store_true", help="continue from <out>/checkpoint.pt")
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(backbone=self.backbone, image_size=self.image_size, flm=self.flm, flm_ratio=self.flm_ratio)
+        return ModelConfig(backbone=self.backbone, image_size=self.image_size, flm=self.flm, flm_ratio=self.flm_ratio,
+                           feature_pool=self.feature_pool, map_scales=tuple(self.map_scales))
 
     def steps_per_epoch(self, n_train: int, world_size: int = 1) -> int:
         per_rank = max(1, self.batch_size // world_size)

@@ -112,11 +112,12 @@ def max_relative_error(features: Features, reference: Features) -> float:
     return worst
 
 
-def score_relative_error(features: Features, reference: Features, image_size: int, sigma: float) -> float:
-    """Largest |score difference| / |torch score| of the fused operator's image scores on both feature sets."""
-    size = (image_size, image_size)
-    _, got = anomaly_map([t.float() for t in features[0]], [s.float() for s in features[1]], size, sigma)
-    _, want = anomaly_map([t.float() for t in reference[0]], [s.float() for s in reference[1]], size, sigma)
+def score_relative_error(features: Features, reference: Features, config: ModelConfig) -> float:
+    """Largest |score difference| / |torch score| of the image scores (the model's map settings) of both sets."""
+    size, map_settings = (config.image_size, config.image_size), (config.blur_sigma, config.map_scales,
+                                                                  config.feature_pool)
+    _, got = anomaly_map([t.float() for t in features[0]], [s.float() for s in features[1]], size, *map_settings)
+    _, want = anomaly_map([t.float() for t in reference[0]], [s.float() for s in reference[1]], size, *map_settings)
     return float(((got - want).abs() / want.abs().clamp_min(1e-12)).max())
 
 
@@ -211,7 +212,7 @@ def convert(model: nn.Module, config: ModelConfig, runtime: str, precision: str,
         runtime=runtime, precision=precision, effective_precision=runner.precision, files=files,
         checkpoint_sha256=checkpoint_sha256,
         image_size=config.image_size, max_relative_error=error,
-        score_relative_error=score_relative_error(got, reference, config.image_size, config.blur_sigma),
+        score_relative_error=score_relative_error(got, reference, config),
         versions=runtime_versions())
     manifest.write(folder)
     return manifest

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
-from ..core.config import ModelConfig, TrainConfig
+from ..core.config import MAP_SETTINGS, ModelConfig, TrainConfig
 from ..core.errors import OptionError
 from ..core.files import user_path, write_json
 from ..core.preprocess import normalize, prepare_image
@@ -399,6 +399,8 @@ def resume_into(path: Path, model: MRKDModel, optimizer: torch.optim.Optimizer, 
     """Loads a run's checkpoint into the model and optimizer; refuses one of another configuration."""
     data = load_checkpoint(path, for_inference=False)
     saved = ModelConfig.from_dict(data["model_config"])
+    # how the map is read from the features does not change training: a run may continue with other map settings
+    saved = replace(saved, **{k: getattr(cfg.model_config(), k) for k in MAP_SETTINGS})
     if saved != cfg.model_config():
         raise CheckpointError(f"cannot resume {path}: it was trained with {saved}, not {cfg.model_config()}")
     if "step" not in data:

@@ -1,0 +1,118 @@
+"""How the product turns features into a map (issue 18): a k x k average of teacher and student features before
+the distance, and the taps summed."""
+import numpy as np
+import pytest
+import torch
+
+from mrkd.core.config import DEFAULT_FEATURE_POOL, DEFAULT_MAP_SCALES, ModelConfig, TrainConfig
+from mrkd.core.errors import OptionError
+from mrkd.ops import anomaly_map_reference, local_average
+
+
+def neighbourhood_mean_by_loops(x: np.ndarray, k: int) -> np.ndarray:
+    """[B, C, H, W]: the mean of the pixels of each k x k window that lie inside the map (written out)."""
+    out = np.empty_like(x, dtype=np.float64)
+    r = k // 2
+    height, width = x.shape[-2:]
+    for i in range(height):
+        for j in range(width):
+            window = x[..., max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1]
+            out[..., i, j] = window.mean(axis=(-2, -1))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 4, 2, 9), (3, 1, 8, 8)])
+@pytest.mark.parametrize("pool", [1, 3, 5])
+def test_local_average_is_the_mean_over_the_window_inside_the_map(shape, pool):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + pool))
+    (got,) = local_average([x], pool)
+    np.testing.assert_allclose(got.numpy(), neighbourhood_mean_by_loops(x.numpy(), pool), rtol=1e-5, atol=1e-6)
+
+
+def test_local_average_keeps_non_finite_values_non_finite():
+    x = torch.zeros(1, 2, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 0, 0, 0] = float("inf")
+    (got,) = local_average([x], 3)
+    assert torch.isnan(got[0, 1, 1:4, 2:5]).all() and torch.isfinite(got[0, 1, 4:, :2]).all()
+    assert torch.isinf(got[0, 0, :2, :2]).all()
+    _, scores = anomaly_map_reference(local_average([x], 3), local_average([torch.ones_like(x)], 3), (12, 12), 1.0)
+    assert torch.isnan(scores).all()  # never a finite, "normal" score
+
+
+def test_local_average_in_half_precision_follows_float32():
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(3))
+    (want,) = local_average([x], 3)
+    for dtype in (torch.float16, torch.bfloat16):
+        (got,) = local_average([x.to(dtype)], 3)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("pool", [0, 2, -3])
+def test_a_pool_that_is_not_an_odd_size_is_refused(pool):
+    with pytest.raises(ValueError, match="odd size"):
+        local_average([torch.zeros(1, 1, 4, 4)], pool)
+
+
+def test_new_models_pool_and_drop_the_stride_4_tap_and_checkpoints_from_before_the_options_do_not():
+    new = TrainConfig().model_config()
+    assert new.feature_pool == DEFAULT_FEATURE_POOL == 3 and new.map_scales == DEFAULT_MAP_SCALES == (1, 2)
+    assert TrainConfig(feature_pool=1, map_scales=[2, 0]).model_config().map_scales == (0, 2)
+    old = ModelConfig().to_dict()
+    del old["feature_pool"], old["map_scales"]
+    assert ModelConfig.from_dict(old).feature_pool == 1 and ModelConfig.from_dict(old).map_scales == (0, 1, 2)
+    saved = ModelConfig(feature_pool=5, map_scales=(0, 2)).to_dict()
+    assert ModelConfig.from_dict(saved).feature_pool == 5 and ModelConfig.from_dict(saved).map_scales == (0, 2)
+
+
+BAD_MAP_SETTINGS = [({"feature_pool": 4}, "feature_pool"), ({"feature_pool": 0}, "feature_pool"),
+                    ({"map_scales": ()}, "map_scales"), ({"map_scales": (1, 1)}, "map_scales"),
+                    ({"map_scales": (3,)}, "map_scales"), ({"map_scales": (-1,)}, "map_scales")]
+
+
+@pytest.mark.parametrize("options, named", BAD_MAP_SETTINGS)
+def test_a_map_setting_that_cannot_work_is_refused_naming_it(options, named):
+    with pytest.raises(OptionError, match=named) as caught:
+        ModelConfig(**options)
+    assert caught.value.parameters == (named,)
+
+
+def test_the_detector_scores_the_pooled_features(tiny_checkpoint):
+    from mrkd.core.preprocess import normalize
+    from mrkd.runtime.detector import Detector
+
+    detector = Detector.load(tiny_checkpoint, precision="fp32")
+    assert detector.config.feature_pool == DEFAULT_FEATURE_POOL and detector.config.map_scales == (1, 2)
+    batch = torch.randint(0, 256, (2, 3, detector.image_size, detector.image_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    maps, scores = detector.raw_maps(batch)
+    teacher, student = detector.network(normalize(batch))
+    pooled = [[torch.from_numpy(neighbourhood_mean_by_loops(fs[i].numpy(), 3)).float() for i in (1, 2)]
+              for fs in (teacher, student)]
+    size = (detector.image_size, detector.image_size)
+    want_maps, want_scores = anomaly_map_reference(*pooled, size, detector.config.blur_sigma)
+    torch.testing.assert_close(maps, want_maps[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
+    unpooled, _ = anomaly_map_reference(teacher[1:], student[1:], size, detector.config.blur_sigma)
+    assert not torch.allclose(maps, unpooled[:, 0], atol=1e-4)
+    all_taps, _ = anomaly_map_reference(*[[torch.from_numpy(neighbourhood_mean_by_loops(f.numpy(), 3)).float()
+                                           for f in fs] for fs in (teacher, student)], size, detector.config.blur_sigma)
+    assert (all_taps[:, 0] > maps + 1e-6).any()  # the stride-4 tap's distance is left out
+
+
+def test_the_fused_op_and_the_reference_pick_and_pool_the_same_features():
+    from mrkd.ops import anomaly_map
+
+    g = torch.Generator().manual_seed(5)
+    teacher = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 16), (6, 8), (8, 4))]
+    student = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 16), (6, 8), (8, 4))]
+    by_hand = [[torch.from_numpy(neighbourhood_mean_by_loops(f[i].numpy(), 3)).float() for i in (0, 2)]
+               for f in (teacher, student)]
+    want_maps, want_scores = anomaly_map_reference(*by_hand, (32, 32), 2.0)
+    for op in (anomaly_map, anomaly_map_reference):
+        maps, scores = op(teacher, student, (32, 32), 2.0, scales=(0, 2), pool=3)
+        torch.testing.assert_close(maps, want_maps, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="scales must be indices of the 3 feature maps"):
+        anomaly_map(teacher, student, (32, 32), 2.0, scales=(1, 3))
