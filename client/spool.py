@@ -45,11 +45,13 @@ class SpooledFrame:
     reason: str = ""
     tries: int = 0  # times it was sent from the spool and failed on the servers' side
     run: str = ""  # the run that spooled it
+    product: str = ""  # its camera's product ("" in spools of older clients)
     image: np.ndarray | None = None
 
     def meta(self) -> dict[str, Any]:
         return {"camera": self.camera, "frame": self.frame, "source": self.source, "capture_time": self.capture_time,
-                "spooled_time": self.spooled_time, "reason": self.reason, "tries": self.tries, "run": self.run}
+                "spooled_time": self.spooled_time, "reason": self.reason, "tries": self.tries, "run": self.run,
+                "product": self.product}
 
 
 class Spool:
@@ -90,12 +92,12 @@ class Spool:
 
     # -- frames in and out -----------------------------------------------------------------------------------------
     def put(self, image: np.ndarray, camera: str, frame: int, source: str, capture_time: float, reason: str,
-            tries: int = 0) -> list[SpooledFrame]:
+            tries: int = 0, product: str = "") -> list[SpooledFrame]:
         """Writes a frame; returns the frames evicted to stay within max_bytes (oldest first), to be recorded."""
         with self._lock:
             sequence, self._sequence = self._sequence, self._sequence + 1
         entry = SpooledFrame(f"{sequence:012d}-{camera}-{frame}.npz", 0, camera, frame, source, capture_time,
-                             time.time(), reason, tries, self.run)
+                             time.time(), reason, tries, self.run, product)
         path = self.folder / entry.name
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
@@ -143,7 +145,7 @@ class Spool:
         """It failed again on the servers' side: back in at the end (tries + 1); returns frames evicted."""
         assert entry.image is not None
         evicted = self.put(entry.image, entry.camera, entry.frame, entry.source, entry.capture_time, reason,
-                           entry.tries + 1)
+                           entry.tries + 1, entry.product)
         self.done(entry)
         return evicted
 
