@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mrkd.core.files import user_path
 from mrkd.core.wire import RAW_MODEL_SUFFIX
@@ -251,6 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, resources)
 
 
+def _once(close: Callable[[], None]) -> Callable[[], None]:
+    """`close`, run by the first call only."""
+    done = []
+
+    def once() -> None:
+        if not done:
+            done.append(True)
+            close()
+    return once
+
+
 def _refuse(message: str, status: int = EXIT_FAILED) -> int:
     print(f"error: {message}", file=sys.stderr)
     return status
@@ -288,6 +299,15 @@ def _run(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
             print(f"spool {args.spool}: {spool.resumed} frames left by an earlier run, inspected first (status late)",
                   file=sys.stderr)
 
+    publisher = None
+    if args.mqtt is not None:  # the broker first: it is checked without a server
+        try:
+            publisher = start_publisher(args.mqtt, {c.name: c.product for c in args.camera})
+        except MqttError as exc:
+            return _refuse(str(exc))
+        close_publisher = _once(publisher.close)  # at exit, or after the run (its summary needs it closed)
+        resources.callback(close_publisher)
+
     lines = open_lines(products(args.camera), lambda product: _product_line(args, product))
     resources.callback(close_lines, lines)  # (after the runner: closed before the spool)
     first = next(iter(lines.values()))
@@ -298,13 +318,6 @@ def _run(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
         return _refuse(str(exc), EXIT_USAGE)
     except NoServerReady as exc:
         return _refuse(str(exc))
-
-    publisher = None
-    if args.mqtt is not None:
-        try:
-            publisher = start_publisher(args.mqtt, {c.name: c.product for c in args.camera})
-        except MqttError as exc:
-            return _refuse(str(exc))
     dashboard = None
     if args.dashboard is not None:
         from .dashboard import Dashboard, DashboardError
@@ -314,16 +327,12 @@ def _run(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
                                   lines.items()}, products={c.name: c.product for c in args.camera})
             print(f"dashboard: {dashboard.start()}  metrics: {dashboard.url}metrics", file=sys.stderr, flush=True)
         except DashboardError as exc:
-            if publisher is not None:
-                publisher.close()
             return _refuse(str(exc))
         resources.callback(dashboard.stop)
     for product, line in lines.items():
         try:
             ready = line.pool.wait_until_ready(args.wait_ready)
         except NoServerReady as exc:
-            if publisher is not None:
-                publisher.close()
             return _refuse(str(exc))
         print(f"servers ready{f' for {product}' if len(lines) > 1 else ''}: {', '.join(s.url for s in ready)} of "
               f"{len(line.pool.servers)}", file=sys.stderr)
@@ -338,8 +347,6 @@ def _run(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     try:
         writer = JsonlWriter(args.out, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
-        if publisher is not None:
-            publisher.close()
         return _refuse(f"cannot write {args.out}: {exc}")
     if dashboard is not None and publisher is not None:
         publisher.attach(dashboard.state)
@@ -376,7 +383,7 @@ def _run(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
         if dashboard is not None:
             dashboard.finish()
         if publisher is not None:
-            publisher.close()
+            close_publisher()
     print_summary(summaries)
     for line in publisher.summary_lines() if publisher is not None else ():
         print(line, file=sys.stderr)

@@ -91,6 +91,17 @@ class Mqtt(_Table):
     username: str | None = None
     password: SecretStr | None = None
 
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, broker: str) -> str:
+        from .mqtt import MqttError, parse_broker
+
+        try:
+            parse_broker(broker)
+        except MqttError as exc:
+            raise ValueError(str(exc)) from None
+        return broker
+
 
 class Outputs(_Table):
     results: str | None = None
@@ -99,6 +110,15 @@ class Outputs(_Table):
     dashboard: str | None = None
     spool: str | None = None
     mqtt: Mqtt | None = None
+
+    @field_validator("dashboard")
+    @classmethod
+    def _address(cls, address: str | None) -> str | None:
+        from .dashboard import parse_address
+
+        if address is not None:
+            parse_address(address)  # ValueError naming the problem
+        return address
 
 
 class Run(_Table):

@@ -23,8 +23,8 @@ def progress_line(snapshot: dict[str, Any]) -> str:
     )
 
 
-SUMMARY_COLUMNS = ("camera", "product", "read", "answered", "anomalous", "dropped", "errors", "fps", "p50_ms", "p95_ms",
-                   "p99_ms", "invalid", "gaps", "late", "spooled", "state")
+SUMMARY_COLUMNS = ("camera", "read", "answered", "anomalous", "dropped", "errors", "fps", "p50_ms", "p95_ms", "p99_ms",
+                   "invalid", "gaps", "late", "spooled", "state", "product")
 
 
 def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -34,7 +34,6 @@ def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 str(s["camera"]),
-                str(s.get("product", "")),
                 *(str(s[k]) for k in ("read", "answered", "anomalous", "dropped", "errors")),
                 f"{s['fps']:.2f}",
                 _ms(s["p50_ms"]),
@@ -45,6 +44,7 @@ def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
                 str(s.get("late", 0)),
                 str(s.get("spooled", 0)),
                 "gave up" if s.get("failure") else str(s.get("state", "")),
+                str(s.get("product", "")),
             ]
         )
     return rows

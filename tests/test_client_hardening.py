@@ -305,7 +305,7 @@ def test_the_outage_error_is_counted_as_no_server(tmp_path):
     records = read_jsonl(tmp_path / "results.jsonl")
     assert [r["status"] for r in records] == ["error"] * 3 and "no server ready within" in records[0]["error"]
     exposition = state.metrics.exposition().decode()
-    assert 'mrkd_request_errors_total{camera="cam",code="NO_SERVER"} 3.0' in exposition
+    assert 'mrkd_request_errors_total{camera="cam",code="NO_SERVER",product=""} 3.0' in exposition
     assert 'code="CLIENT"' not in exposition
 
 

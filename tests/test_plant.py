@@ -94,6 +94,7 @@ def refused(argv: list[str], capsys) -> str:
                                                              "product 'weld/cell' may only use letters, digits"),
     (("urls = [\"127.0.0.1:8001\"]", "urls = [\"http://127.0.0.1:8000\"]"), "plant.toml:2: servers.urls: server "
                                                                             "URL 'http://127.0.0.1:8000'"),
+    (("results = \"plant.jsonl\"", "dashboard = \"localhost\""), "plant.toml:20: outputs.dashboard: "),
     (("[outputs]", "[output]"), "plant.toml:19: output: unknown key 'output'; allowed: servers, defaults, "
                                 "cameras, outputs, run"),
 ])
