@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 from chromium import headless_chromium
 from conftest import export_encoded_only
@@ -180,6 +181,31 @@ def test_the_example_plant_file_is_valid_and_has_two_products():
     assert {c.product for c in args.camera} == {"press_line", "weld_cell"}
 
 
+def test_the_spool_counts_frames_per_product_across_runs_and_evictions(tmp_path):
+    from client.dashboard import LineState
+    from client.spool import Spool
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    spool = Spool(tmp_path / "spool", max_bytes=10**9)
+    for frame, (camera, product) in enumerate([("p1", "press_line"), ("w1", "weld_cell"), ("p1", "press_line")]):
+        spool.put(image, camera, frame, f"f{frame}", 1000.0, "no server", product=product)
+    spool.put(image, "old", 9, "f9", 1000.0, "no server")  # as an older client wrote it: no product
+    total = spool.figures()["bytes"]
+    spool.close()
+    spool = Spool(tmp_path / "spool", max_bytes=total + total // 8)  # the next run: one frame too many
+    spool.put(image, "w1", 10, "f10", 1001.0, "no server", product="weld_cell")  # evicts the oldest (press_line)
+    figures = spool.product_figures()
+    assert {p: (f["frames"], f["evicted"]) for p, f in figures.items()} == {
+        "press_line": (1, 1), "weld_cell": (2, 0), "": (1, 0)}
+    assert spool.take().product == "weld_cell"  # the oldest left: frame 1, and its product from its file
+    state = LineState([("p1", "a", True, "press_line"), ("w1", "b", True, "weld_cell")])
+    state.spool_state(**spool.figures(), products=figures)
+    exposition = state.metrics.exposition().decode()
+    assert 'mrkd_spool_frames{product="weld_cell"} 2.0' in exposition
+    assert 'mrkd_spool_evicted_frames_total{product="press_line"} 1.0' in exposition
+    spool.close()
+
+
 # ------------------------------------------------------------------------------------ against real tritonservers
 @dataclass(frozen=True)
 class Plant:
@@ -293,11 +319,12 @@ def test_example_plant_two_products_on_one_server_lines_page_api_and_metrics(pla
     counts = Counter((r["camera"], r["status"]) for r in frames)
     assert all(counts[(camera, "ok")] >= 3 for camera in expected), counts
     print("lines:", dict(counts))
-    # every series the client exports about a camera or a server carries the product
-    labelled = [(name, labels) for name, pairs in samples.items() for labels, _ in pairs
-                if "camera" in labels or "url" in labels]
-    assert labelled and all("product" in labels for _, labels in labelled)
+    # every series the client exports carries the product, but the dashboard's own CPU time (one page for all)
+    labelled = [(name, labels) for name, pairs in samples.items() for labels, _ in pairs]
+    assert {name for name, labels in labelled if "product" not in labels} == {
+        "mrkd_dashboard_cpu_seconds_total", "mrkd_dashboard_cpu_seconds_created"}
     assert all(labels["product"] == expected[labels["camera"]] for _, labels in labelled if "camera" in labels)
+    assert {labels["product"] for name, labels in labelled if name == "mrkd_spool_frames"} == set(expected.values())
     up = {(labels["url"], labels["product"]) for labels, _ in samples["mrkd_server_up"]}
     assert up == {(plant_servers.both, "press_line"), (plant_servers.both, "weld_cell")}
     assert_metrics_agree_with_jsonl(samples, records, list(expected))

@@ -59,8 +59,9 @@ class ClientMetrics:
     """mrkd_frames_total{camera,product,verdict}, mrkd_frames_dropped_total{camera,product},
     mrkd_request_errors_total{camera,product,code}, mrkd_request_latency_seconds{camera,product} (histogram),
     mrkd_anomaly_score{camera,product} (histogram), mrkd_server_up{url,product} (ready for that product's model),
-    and the run-wide ones: the spool's (one spool for every product) and what the dashboard itself costs,
-    mrkd_dashboard_cpu_seconds_total."""
+    mrkd_spool_frames{product}, mrkd_spool_bytes{product}, mrkd_spool_evicted_frames_total{product}, and what the
+    dashboard itself costs, mrkd_dashboard_cpu_seconds_total (the one series without a product: the page serves
+    every product at once)."""
 
     def __init__(self, cameras: Mapping[str, str], servers: Sequence[tuple[str, str]] = ()):
         """cameras: name -> product; servers: (url, product) pairs."""
@@ -81,11 +82,12 @@ class ClientMetrics:
         self.server_up = Gauge("mrkd_server_up", "1 when the Triton server is ready for the product's model, else 0",
                                ["url", "product"], registry=self.registry)
         self.spool_frames = Gauge("mrkd_spool_frames", "Frames in the spool, waiting for a server to be inspected "
-                                  "late", registry=self.registry)
-        self.spool_bytes = Gauge("mrkd_spool_bytes", "Size of the spool on disk", registry=self.registry)
+                                  "late", ["product"], registry=self.registry)
+        self.spool_bytes = Gauge("mrkd_spool_bytes", "Size of the spool's frames on disk", ["product"],
+                                 registry=self.registry)
         self.spool_evicted = Counter("mrkd_spool_evicted_frames", "Frames evicted from the full spool (oldest "
-                                     "first), each recorded as dropped", registry=self.registry)
-        self._evicted_counted = 0
+                                     "first), each recorded as dropped", ["product"], registry=self.registry)
+        self._evicted_counted: dict[str, int] = {}  # product -> evicted frames counted so far
         self.dashboard_cpu = Counter("mrkd_dashboard_cpu_seconds", "CPU time used by the dashboard's own threads "
                                      "(web server, thumbnails, snapshots)", registry=self.registry)
         for camera, product in self.products.items():  # every series exists from the start, at 0
@@ -96,6 +98,7 @@ class ClientMetrics:
             self.score.labels(camera, product)
         for url, product in servers:
             self.server_up.labels(url, product).set(0)
+        self.set_spool({product: {} for product in self.products.values()})
 
     def answered(self, camera: str, verdict: str, score: float | None, latency_s: float | None) -> None:
         product = self.products[camera]
@@ -117,12 +120,16 @@ class ClientMetrics:
         self.unanswered(camera)
         self.errors.labels(camera, self.products[camera], code).inc()
 
-    def set_spool(self, frames: int, size: int, evicted: int) -> None:
-        """The spool's figures; `evicted` is the spool's running count (the counter catches up to it)."""
-        self.spool_frames.set(frames)
-        self.spool_bytes.set(size)
-        self.spool_evicted.inc(max(0, evicted - self._evicted_counted))
-        self._evicted_counted = max(evicted, self._evicted_counted)
+    def set_spool(self, products: Mapping[str, Mapping[str, int]]) -> None:
+        """The spool's figures per product ({product: {frames, bytes, evicted}}); `evicted` is the spool's running
+        count (the counter catches up to it); a product no longer in the spool is at 0 frames."""
+        for product in set(self._evicted_counted) | set(products):
+            figures = products.get(product, {})
+            self.spool_frames.labels(product).set(figures.get("frames", 0))
+            self.spool_bytes.labels(product).set(figures.get("bytes", 0))
+            evicted, counted = figures.get("evicted", 0), self._evicted_counted.get(product, 0)
+            self.spool_evicted.labels(product).inc(max(0, evicted - counted))
+            self._evicted_counted[product] = max(evicted, counted)
 
     def set_server(self, url: str, up: bool, product: str = "") -> None:
         self.server_up.labels(url, product).set(1 if up else 0)

@@ -197,7 +197,7 @@ class Dashboard:
             if self._watchers > 0 or time.monotonic() < self._images_wanted_until:
                 self.state.render_pending()
             if self.spool is not None:
-                self.state.spool_state(**self.spool.figures())
+                self.state.spool_state(**self.spool.figures(), products=self.spool.product_figures())
             version = self._published[0] + 1
             self._published = (version, json.dumps(self.state.snapshot(), allow_nan=False))
         self._announce()

@@ -200,10 +200,12 @@ class LineState(RunObserver):
             entry = self.servers.setdefault((url, product), _server_entry(url, product))
             entry.update(up=bool(up), detail=detail)
 
-    def spool_state(self, frames: int, bytes: int, evicted: int) -> None:
-        """The spool's depth (frames waiting to be inspected late), its size and how many frames it evicted."""
+    def spool_state(self, frames: int, bytes: int, evicted: int,
+                    products: dict[str, dict[str, int]] | None = None) -> None:
+        """The spool's depth (frames waiting to be inspected late), its size and how many frames it evicted, in all
+        (the page) and per product (`products`, /metrics; default: all under product "")."""
         self.spool = {"frames": frames, "bytes": bytes, "evicted": evicted}
-        self.metrics.set_spool(frames, bytes, evicted)
+        self.metrics.set_spool(products if products is not None else {"": dict(self.spool)})
 
     def update_server(self, url: str, product: str = "", **figures: Any) -> None:
         """Extra per-server figures for the page (requests, in_flight, failures)."""
