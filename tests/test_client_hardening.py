@@ -60,6 +60,9 @@ def test_a_stream_url_with_credentials_is_redacted_in_errors_and_descriptions():
     with pytest.raises(SourceError) as info:
         parse_camera(f"rtsp://admin:{SECRET}@10.0.0.20/stream1")  # no NAME=: the error quotes the argument
     assert SECRET not in str(info.value)
+    with pytest.raises(SourceError) as info:  # no NAME= either, but an '=' in the query: not a camera name
+        parse_camera(f"rtsp://admin:{SECRET}@10.0.0.20/stream1?channel=1")
+    assert SECRET not in str(info.value)
 
 
 @pytest.mark.triton
