@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mrkd.core.files import user_path
+from mrkd.core.wire import RAW_MODEL_SUFFIX
 
 from .events import Observers
 from .frame_queue import DROP_POLICIES
 from .inspection import DEFAULT_RETRY_TIMEOUT, ENCODINGS, TRANSPORTS, InspectionClient
 from .mqtt_cli import MqttError, add_mqtt_arguments, mqtt_options, start_publisher
+from .plant import PlantError, load_plant
+from .products import ProductLine, UnknownProduct, check_products, close_lines, open_lines, served_models
 from .progress import Progress, print_summary
 from .results import JsonlWriter
-from .runner import DEFAULT_SPOOL_WAIT, MultiCameraRunner, RunOptions
+from .runner import DEFAULT_SPOOL_WAIT, CameraPlan, MultiCameraRunner, RunOptions
 from .servers import NoServerReady, ServerPool, canonical_url
+from .settings import DEFAULT_PRODUCT, apply_plant, camera_specs, products, typed_flags
 from .sources import SourceError, SourceOptions, open_source, parse_camera
 from .spool import DEFAULT_SPOOL_MB, Spool
 
@@ -27,6 +32,15 @@ EXIT_INTERRUPTED = 130  # stopped with Ctrl-C (the output is complete for every 
 
 EXAMPLES = """\
 examples:
+  # a whole plant from one file (examples/plant.toml): servers, cameras each with its product, outputs, MQTT;
+  # a flag given with --config overrides the file (here: every camera replays its folder at 5 fps)
+  python -m client --config plant.toml
+  python -m client --config plant.toml --fps 5 --loop --out trial.jsonl --overwrite
+
+  # two products on the same servers: each camera's frames go to its own product's ensemble (NAME@PRODUCT=SOURCE)
+  python -m client --url 127.0.0.1:8001 --camera press1@press_line=images/press1 \\
+      --camera weld1@weld_cell=rtsp://10.0.0.30/stream1 --out results.jsonl
+
   # two folders of images, each played once in name order, against one server
   python -m client --url 127.0.0.1:8001 --camera line1=images/line1 --camera line2=images/line2 --out results.jsonl
 
@@ -85,14 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", action="append", required=True, metavar="HOST:PORT|dns:///NAME:PORT",
+    parser.add_argument("--config", type=user_path, default=None, metavar="PLANT.toml",
+                        help="the plant file (examples/plant.toml): servers, cameras and their products, outputs; "
+                             "flags given with it override the file")
+    parser.add_argument("--url", action="append", metavar="HOST:PORT|dns:///NAME:PORT",
                         help="Triton gRPC endpoint; repeat to spread requests over several servers. dns:///NAME:PORT "
                              "(or dns://DNSHOST[:DNSPORT]/NAME:PORT to ask that DNS server): every address behind "
                              "NAME is a server, found again as replicas come and go (docs/kubernetes.md)")
-    parser.add_argument("--model", default="mrkd", help="ensemble name (default: %(default)s)")
-    parser.add_argument("--camera", action="append", required=True, metavar="NAME=SOURCE",
-                        help="a camera: NAME (letters, digits, _ . -) and its SOURCE; repeat for more cameras")
-    parser.add_argument("--out", required=True, type=user_path,
+    parser.add_argument("--model", default=DEFAULT_PRODUCT,
+                        help="the product (ensemble name) of cameras that name none (default: %(default)s)")
+    parser.add_argument("--camera", action="append", metavar="NAME[@PRODUCT]=SOURCE",
+                        help="a camera: NAME (letters, digits, _ . -), the PRODUCT whose ensemble inspects its frames "
+                             "(default: --model) and its SOURCE; repeat for more cameras")
+    parser.add_argument("--out", type=user_path,
                         help="results file, one JSON line per frame; an existing file is refused (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -162,20 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parsed and checked arguments; a bad one exits with status 2 and a message naming it."""
+    """Parsed and checked arguments, with the plant file's settings (--config) where no flag was typed;
+    `args.camera` is the list of CameraSpec. A bad argument or plant file exits with status 2 and a message
+    naming it."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    typed = typed_flags(parser, argv)
+    plant = None
+    if args.config is not None:
+        try:
+            plant = load_plant(args.config)
+        except PlantError as exc:
+            parser.exit(EXIT_USAGE, f"error: {exc}\n")
+        apply_plant(args, plant, typed)
     try:
-        args.url = [canonical_url(u) for u in args.url]
-        args.camera = [parse_camera(c) for c in args.camera]
+        args.url = [canonical_url(u) for u in args.url or []]
+        args.camera = [parse_camera(c) for c in args.camera or []]
+        args.camera = camera_specs(args, typed, plant)
         RunOptions(args.max_in_flight, args.queue_size, args.drop_policy, None, args.shutdown_timeout,
                    args.max_frames, args.duration)
     except (ValueError, SourceError) as exc:
         parser.error(str(exc))
-    if len({name for name, _ in args.camera}) != len(args.camera):
+    for flag, given in (("--url", args.url), ("--camera", args.camera), ("--out", args.out)):
+        if not given:
+            parser.error(f"{flag} is required (or a plant file that gives it: --config)")
+    if len({c.name for c in args.camera}) != len(args.camera):
         parser.error("camera names must be unique")
     if len(set(args.url)) != len(args.url):
         parser.error("the same --url is given twice")
+    if args.raw_model is not None and len(products(args.camera)) > 1:
+        parser.error("--raw-model names one product's entry point; the cameras inspect several products "
+                     f"({', '.join(products(args.camera))}): leave it out (each uses PRODUCT_raw)")
     if args.fps is not None and args.fps <= 0:
         parser.error(f"--fps must be positive, got {args.fps}")
     if not 1 <= args.jpeg_quality <= 100:
@@ -211,85 +247,97 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the client; returns the exit status (see EXAMPLES)."""
     args = parse_args(argv)
+    with contextlib.ExitStack() as resources:  # whatever was opened is closed however main ends
+        return _run(args, resources)
+
+
+def _once(close: Callable[[], None]) -> Callable[[], None]:
+    """`close`, run by the first call only."""
+    done = []
+
+    def once() -> None:
+        if not done:
+            done.append(True)
+            close()
+    return once
+
+
+def _refuse(message: str, status: int = EXIT_FAILED) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def _run(args: argparse.Namespace, resources: contextlib.ExitStack) -> int:
     if not args.overwrite and args.out.is_file() and args.out.stat().st_size > 0:
-        print(f"error: {args.out} already exists; pass --overwrite to replace it, or choose another --out",
-              file=sys.stderr)
-        return EXIT_FAILED
+        return _refuse(f"{args.out} already exists; pass --overwrite to replace it, or choose another --out")
     if args.save_heatmaps is not None:
         from .results import earlier_heatmaps
 
-        earlier = earlier_heatmaps(args.save_heatmaps, [name for name, _ in args.camera])
+        earlier = earlier_heatmaps(args.save_heatmaps, [c.name for c in args.camera])
         if earlier and not args.overwrite:
-            print(f"error: {args.save_heatmaps} already holds {len(earlier)} heat maps of these cameras from an "
-                  f"earlier run (e.g. {earlier[0]}); pass --overwrite to replace them, or choose another "
-                  "--save-heatmaps", file=sys.stderr)
-            return EXIT_FAILED
+            return _refuse(f"{args.save_heatmaps} already holds {len(earlier)} heat maps of these cameras from an "
+                           f"earlier run (e.g. {earlier[0]}); pass --overwrite to replace them, or choose another "
+                           "--save-heatmaps")
         for path in earlier:  # --overwrite: the folder holds this run's heat maps only
             path.unlink()
-    options = SourceOptions(loop=args.loop, fps=args.fps, reconnect=args.reconnect)
     try:
-        cameras = [(name, open_source(spec, options)) for name, spec in args.camera]
+        cameras = [(c.name, open_source(c.source, SourceOptions(loop=c.loop, fps=c.fps, reconnect=c.reconnect)))
+                   for c in args.camera]
     except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    for name, source in cameras:
-        print(f"camera {name}: {source.description}{' (live)' if source.live else ''}", file=sys.stderr)
+        return _refuse(str(exc))
+    for (name, source), spec in zip(cameras, args.camera):
+        print(f"camera {name} ({spec.product}): {source.description}{' (live)' if source.live else ''}",
+              file=sys.stderr)
     spool = None
     if args.spool is not None:
         try:
             spool = Spool(args.spool, int(args.spool_size * 1024 * 1024))
         except (OSError, ValueError) as exc:
-            print(f"error: spool {args.spool}: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return _refuse(f"spool {args.spool}: {exc}")
+        resources.callback(spool.close)
         if spool.resumed:
             print(f"spool {args.spool}: {spool.resumed} frames left by an earlier run, inspected first (status late)",
                   file=sys.stderr)
 
     publisher = None
-    if args.mqtt is not None:
+    if args.mqtt is not None:  # the broker first: it is checked without a server
         try:
-            publisher = start_publisher(args.mqtt, {name: args.model for name, _ in cameras})
+            publisher = start_publisher(args.mqtt, {c.name: c.product for c in args.camera})
         except MqttError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return _refuse(str(exc))
+        close_publisher = _once(publisher.close)  # at exit, or after the run (its summary needs it closed)
+        resources.callback(close_publisher)
 
-    raw_model = args.raw_model or f"{args.model}_raw"
-    pool = ServerPool(args.url, args.model if args.transport == "bytes" else raw_model, args.probe_interval,
-                      probe_request_timeout=args.timeout, resolve_interval=args.resolve_interval,
-                      on_change=lambda message: print(message, file=sys.stderr, flush=True))
-    # The client gives the pool its health probe (a real inference) before the first probe runs.
-    client = InspectionClient(
-        pool, args.model, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
-        raw_model=raw_model, want_map=args.save_heatmaps is not None or args.dashboard is not None,
-        timeout=args.timeout, retry_timeout=args.retry_timeout,
-    )
+    lines = open_lines(products(args.camera), lambda product: _product_line(args, product))
+    resources.callback(close_lines, lines)  # (after the runner: closed before the spool)
+    first = next(iter(lines.values()))
+    try:  # a product no server knows is a mistake in the arguments or the plant file: refused before streaming
+        check_products(served_models(first.pool, args.wait_ready), {c.name: c.product for c in args.camera},
+                       lambda product: lines[product].client.target_model)
+    except UnknownProduct as exc:
+        return _refuse(str(exc), EXIT_USAGE)
+    except NoServerReady as exc:
+        return _refuse(str(exc))
     dashboard = None
     if args.dashboard is not None:
         from .dashboard import Dashboard, DashboardError
 
         try:
-            dashboard = Dashboard(*args.dashboard, cameras, pool, spool=spool)
+            dashboard = Dashboard(*args.dashboard, cameras, spool=spool, pools={p: line.pool for p, line in
+                                  lines.items()}, products={c.name: c.product for c in args.camera})
             print(f"dashboard: {dashboard.start()}  metrics: {dashboard.url}metrics", file=sys.stderr, flush=True)
         except DashboardError as exc:
-            client.close()
-            pool.close()
-            if spool is not None:
-                spool.close()
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    try:
-        ready = pool.wait_until_ready(args.wait_ready)
-    except NoServerReady as exc:
-        client.close()
-        pool.close()
-        if spool is not None:
-            spool.close()
-        if dashboard is not None:
-            dashboard.stop()
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"servers ready: {', '.join(s.url for s in ready)} of {len(pool.servers)}", file=sys.stderr)
-    pool.start()
+            return _refuse(str(exc))
+        resources.callback(dashboard.stop)
+    for product, line in lines.items():
+        try:
+            ready = line.pool.wait_until_ready(args.wait_ready)
+        except NoServerReady as exc:
+            return _refuse(str(exc))
+        print(f"servers ready{f' for {product}' if len(lines) > 1 else ''}: {', '.join(s.url for s in ready)} of "
+              f"{len(line.pool.servers)}", file=sys.stderr)
+    for line in lines.values():
+        line.pool.start()
 
     run_options = RunOptions(
         max_in_flight=args.max_in_flight, queue_size=args.queue_size, drop_policy=args.drop_policy,
@@ -299,18 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         writer = JsonlWriter(args.out, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
-        client.close()
-        pool.close()
-        if spool is not None:
-            spool.close()
-        if dashboard is not None:
-            dashboard.stop()
-        print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _refuse(f"cannot write {args.out}: {exc}")
     if dashboard is not None and publisher is not None:
         publisher.attach(dashboard.state)
     observers = [o for o in (dashboard.state if dashboard else None, publisher) if o is not None]
-    runner = MultiCameraRunner(cameras, client, writer, run_options, observer=Observers(observers))
+    plans = [(name, source, CameraPlan(lines[c.product].client, c.max_in_flight, c.queue_size, c.drop_policy))
+             for (name, source), c in zip(cameras, args.camera)]
+    runner = MultiCameraRunner(plans, first.client, writer, run_options, observer=Observers(observers))
     progress = Progress(runner.stats, args.progress, args.progress_interval)
     interrupts = 0
 
@@ -334,14 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous_term)
         writer.close()
-        client.close()
-        pool.close()
+        close_lines(lines)
         if spool is not None:
             spool.close()
         if dashboard is not None:
             dashboard.finish()
         if publisher is not None:
-            publisher.close()
+            close_publisher()
     print_summary(summaries)
     for line in publisher.summary_lines() if publisher is not None else ():
         print(line, file=sys.stderr)
@@ -353,14 +395,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{s['spooled']} left in the spool {args.spool}" if s["spooled"] else "",
                 f"gave up: {s['failure']}" if s["failure"] else ""]
         print(f"camera {s['camera']}: {', '.join(w for w in what if w)}", file=sys.stderr)
-    if dashboard is not None:
-        if args.keep_open:
-            print(f"dashboard still at {dashboard.url} (Ctrl-C to close)", file=sys.stderr, flush=True)
-            wait_for_interrupt()
-        dashboard.stop()
+    if dashboard is not None and args.keep_open:
+        print(f"dashboard still at {dashboard.url} (Ctrl-C to close)", file=sys.stderr, flush=True)
+        wait_for_interrupt()
     if interrupts:
         return EXIT_INTERRUPTED
     return EXIT_ERRORS if troubled else EXIT_OK
+
+
+def _product_line(args: argparse.Namespace, product: str) -> ProductLine:
+    """The pool and client of one product (not started: the pool is probed once the products were checked)."""
+    raw_model = args.raw_model or f"{product}{RAW_MODEL_SUFFIX}"
+    pool = ServerPool(args.url, product if args.transport == "bytes" else raw_model, args.probe_interval,
+                      probe_request_timeout=args.timeout, resolve_interval=args.resolve_interval,
+                      on_change=lambda message: print(f"{product}: {message}", file=sys.stderr, flush=True))
+    # The client gives the pool its health probe (a real inference) before the first probe runs.
+    client = InspectionClient(
+        pool, product, encoding=args.encoding, jpeg_quality=args.jpeg_quality, transport=args.transport,
+        raw_model=raw_model, want_map=args.save_heatmaps is not None or args.dashboard is not None,
+        timeout=args.timeout, retry_timeout=args.retry_timeout,
+    )
+    return ProductLine(product, pool, client)
+
 
 def wait_for_interrupt() -> None:
     """Blocks until Ctrl-C or SIGTERM."""

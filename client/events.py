@@ -54,8 +54,8 @@ class RunObserver:
     def frame_failed(self, camera: str, frame: "Frame", record: dict[str, Any]) -> None:
         """The frame got no answer (record["error"])."""
 
-    def server_state(self, url: str, up: bool, detail: str = "") -> None:
-        """A server became ready (up) or stopped being ready."""
+    def server_state(self, url: str, up: bool, detail: str = "", product: str = "") -> None:
+        """A server became ready (up) or stopped being ready, for `product`'s model."""
 
 
 class Observers(RunObserver):
@@ -85,5 +85,5 @@ class Observers(RunObserver):
                        result: "InspectionResult | None") -> None:
         self._each("frame_recorded", camera, frame, record, result)
 
-    def server_state(self, url: str, up: bool, detail: str = "") -> None:
-        self._each("server_state", url, up, detail)
+    def server_state(self, url: str, up: bool, detail: str = "", product: str = "") -> None:
+        self._each("server_state", url, up, detail, product)

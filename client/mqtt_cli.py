@@ -40,8 +40,11 @@ def mqtt_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> M
             raise MqttError("--mqtt-ca needs an mqtts:// broker")
         if args.mqtt_ca is not None and not args.mqtt_ca.is_file():
             raise MqttError(f"--mqtt-ca: no such file: {args.mqtt_ca}")
+        # credentials: the plant file's [outputs.mqtt] (never a flag: a command line is visible to others), else
+        # the environment (MqttOptions)
         return MqttOptions(host=host, port=port, tls=tls, ca_file=args.mqtt_ca, prefix=args.mqtt_prefix,
-                           queue_size=args.mqtt_queue)
+                           queue_size=args.mqtt_queue, username=getattr(args, "mqtt_username", None),
+                           password=getattr(args, "mqtt_password", None))
     except MqttError as exc:
         parser.error(str(exc))
 

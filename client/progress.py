@@ -24,7 +24,7 @@ def progress_line(snapshot: dict[str, Any]) -> str:
 
 
 SUMMARY_COLUMNS = ("camera", "read", "answered", "anomalous", "dropped", "errors", "fps", "p50_ms", "p95_ms", "p99_ms",
-                   "invalid", "gaps", "late", "spooled", "state")
+                   "invalid", "gaps", "late", "spooled", "state", "product")
 
 
 def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -44,6 +44,7 @@ def summary_rows(summaries: Sequence[dict[str, Any]]) -> list[list[str]]:
                 str(s.get("late", 0)),
                 str(s.get("spooled", 0)),
                 "gave up" if s.get("failure") else str(s.get("state", "")),
+                str(s.get("product", "")),
             ]
         )
     return rows

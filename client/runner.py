@@ -32,14 +32,12 @@ import math
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Sequence
 
 from .events import RunObserver
 from .frame_queue import FrameQueue, QueueClosed
-from .inspection import DEFAULT_RETRY_TIMEOUT, InspectionClient, InspectionError, InspectionResult
+from .inspection import InspectionClient, InspectionError, InspectionResult
 from .redact import redact
 from .results import (
     EVENT_GAP,
@@ -51,51 +49,28 @@ from .results import (
     JsonlWriter,
     save_heatmap_overlay,
 )
+from .run_options import DEFAULT_SPOOL_WAIT, CameraPlan, RunOptions
 from .sources import Frame, FrameSource, SourceError, SourceEvent
-from .spool import Spool, SpooledFrame
+from .spool import SpooledFrame
 from .stats import CameraState, CameraStats
 
 _POLL_S = 0.1  # how often blocked threads look at the stop flag
 SPOOL_IN_FLIGHT = 2  # spooled frames sent at a time (the live cameras keep the rest of the servers' capacity)
 SPOOL_MAX_TRIES = 5  # a spooled frame that failed on the servers this often is recorded as an error
-DEFAULT_SPOOL_WAIT = 600.0  # seconds the end of a run waits for a server to inspect what is in the spool
 
 
-@dataclass
-class RunOptions:
-    max_in_flight: int = 4
-    queue_size: int | None = None  # None: the same as max_in_flight
-    drop_policy: str = "oldest"
-    heatmap_dir: Path | None = None
-    shutdown_timeout: float = 10.0
-    max_frames: int | None = None  # per camera
-    duration: float | None = None  # seconds, then stop as on Ctrl-C
-    retry_timeout: float = DEFAULT_RETRY_TIMEOUT  # seconds a frame may wait for a ready server
-    spool: Spool | None = None  # frames that waited longer go there instead of becoming errors
-    spool_wait: float = DEFAULT_SPOOL_WAIT  # at the end: seconds without a ready server before the spool is left
-
-    def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"--max-in-flight must be at least 1, got {self.max_in_flight}")
-        if self.queue_size is not None and self.queue_size < 1:
-            raise ValueError(f"--queue-size must be at least 1, got {self.queue_size}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"--max-frames must be at least 1, got {self.max_frames}")
-        if self.duration is not None and self.duration <= 0:
-            raise ValueError(f"--duration must be positive, got {self.duration}")
-        if self.retry_timeout < 0:
-            raise ValueError(f"--retry-timeout must not be negative, got {self.retry_timeout}")
-        if self.spool_wait < 0:
-            raise ValueError(f"--spool-wait must not be negative, got {self.spool_wait}")
+__all__ = ["DEFAULT_SPOOL_WAIT", "CameraPlan", "MultiCameraRunner", "RunOptions"]
 
 
 class _Camera:
-    def __init__(self, name: str, source: FrameSource, options: RunOptions):
+    def __init__(self, name: str, source: FrameSource, options: RunOptions, client: InspectionClient):
         self.name = name
         self.source = source
+        self.client = client  # its product's (client.model is the product)
+        self.product = client.model
         self.queue: FrameQueue[Frame] = FrameQueue(options.queue_size or options.max_in_flight, options.drop_policy)
         self.slots = threading.Semaphore(options.max_in_flight)
-        self.stats = CameraStats(name)
+        self.stats = CameraStats(name, self.product)
         self.pending: dict[int, Frame] = {}  # frames sent and not yet recorded, by index
         self.recording = 0  # frames taken out of `pending` whose line and counts are being written
         self.pending_lock = threading.Condition()
@@ -108,13 +83,15 @@ class _Camera:
 class MultiCameraRunner:
     def __init__(
         self,
-        cameras: Sequence[tuple[str, FrameSource]],
+        cameras: Sequence[tuple[str, FrameSource] | tuple[str, FrameSource, CameraPlan]],
         client: InspectionClient,
         writer: JsonlWriter,
         options: RunOptions | None = None,
         observer: RunObserver | None = None,
     ):
-        names = [name for name, _ in cameras]
+        """cameras: (name, source) or (name, source, CameraPlan): a camera's plan gives its product's client and
+        its own request limits (default: `client` and `options`)."""
+        names = [camera[0] for camera in cameras]
         if not cameras:
             raise ValueError("at least one --camera is needed")
         if len(set(names)) != len(names):
@@ -122,7 +99,11 @@ class MultiCameraRunner:
         self.options = options or RunOptions()
         self.client = client
         self.writer = writer
-        self.cameras = [_Camera(name, source, self.options) for name, source in cameras]
+        self.cameras = []
+        for name, source, *rest in cameras:
+            plan: CameraPlan = rest[0] if rest else CameraPlan()
+            self.cameras.append(_Camera(name, source, plan.options(self.options), plan.client or client))
+        self._clients = {c.product: c.client for c in reversed(self.cameras)}  # product -> client (the first's)
         self.stop_event = threading.Event()
         self.abort_event = threading.Event()  # stop waiting for answers in flight (a second Ctrl-C)
         self.observer = observer or RunObserver()
@@ -245,7 +226,7 @@ class MultiCameraRunner:
 
     def _server_ready(self, camera: _Camera) -> bool:
         """Whether a server is ready; keeps track of since when none is (for the frames' waits)."""
-        if self.client.pool.has_ready():
+        if camera.client.pool.has_ready():
             camera.no_server_since = None
             return True
         if camera.no_server_since is None:
@@ -263,13 +244,13 @@ class MultiCameraRunner:
         """Spools (or without a spool, records as errors) the queued frames, oldest first, that waited
         `retry_timeout` s for a ready server."""
         while (frame := camera.queue.get_if(lambda f: self._waited_too_long(camera, f))) is not None:
-            reason = f"no server ready within {self.options.retry_timeout:g} s ({self.client.pool.last_errors()})"
+            reason = f"no server ready within {self.options.retry_timeout:g} s ({camera.client.pool.last_errors()})"
             if self.options.spool is None or frame.image is None or not self._to_spool(camera, frame, reason):
                 self._record(camera, frame, STATUS_ERROR, error=reason)
 
     def _dispatch(self, camera: _Camera) -> None:
         while not self.stop_event.is_set():
-            server_ready = self.client.pool.has_ready()
+            server_ready = camera.client.pool.has_ready()
             self._refresh_state(camera, server_ready)
             if not camera.slots.acquire(timeout=_POLL_S):
                 continue
@@ -281,7 +262,7 @@ class MultiCameraRunner:
                 if camera.queue.closed and len(camera.queue) == 0:
                     break
                 self._refresh_state(camera, False)
-                self.client.pool.wait_for_ready(_POLL_S)
+                camera.client.pool.wait_for_ready(_POLL_S)
                 continue
             frame = camera.queue.get(timeout=_POLL_S)
             if frame is None:
@@ -321,7 +302,7 @@ class MultiCameraRunner:
 
         self._notify("frame_sent", camera.name, frame)
         try:
-            self.client.submit(frame.image, done)
+            camera.client.submit(frame.image, done)
         except Exception as exc:  # the frame could not be encoded: nothing was sent
             self._record(camera, frame, STATUS_ERROR, sent=True, error=f"{type(exc).__name__}: {exc}")
             camera.slots.release()
@@ -353,7 +334,8 @@ class MultiCameraRunner:
         spool = self.options.spool
         assert spool is not None and frame.image is not None
         try:
-            evicted = spool.put(frame.image, camera.name, frame.index, frame.source_name, frame.capture_time, reason)
+            evicted = spool.put(frame.image, camera.name, frame.index, frame.source_name, frame.capture_time, reason,
+                                product=camera.product)
         except OSError as exc:
             print(f"camera {camera.name}: cannot write to the spool: {exc}", file=sys.stderr, flush=True)
             return False
@@ -396,13 +378,13 @@ class MultiCameraRunner:
                 done_at = time.monotonic()
             if done and (self.stop_event.is_set() or len(spool) == 0):
                 break
-            if not self.client.pool.has_ready():
+            if not any(client.pool.has_ready() for client in self._clients.values()):
                 no_server_since = no_server_since or time.monotonic()
                 # the last wait: spool_wait seconds without a ready server, counted from the cameras' end
                 waited = time.monotonic() - max(no_server_since, done_at or math.inf)
                 if waited >= self.options.spool_wait:
                     break
-                self.client.pool.wait_for_ready(_POLL_S)
+                time.sleep(_POLL_S)
                 continue
             no_server_since = None
             with self._spool_lock:
@@ -442,9 +424,14 @@ class MultiCameraRunner:
                     self._spool_lock.notify_all()
 
         try:
-            self.client.submit(entry.image, done)
+            self._spooled_client(entry).submit(entry.image, done)
         except Exception as exc:  # the image could not be encoded: it never will be
             done(None, InspectionError(f"{type(exc).__name__}: {exc}"))
+
+    def _spooled_client(self, entry: SpooledFrame) -> InspectionClient:
+        """Its camera's client; for a camera of an earlier run, its product's (else the runner's client)."""
+        camera = self._by_name.get(entry.camera)
+        return camera.client if camera is not None else self._clients.get(entry.product, self.client)
 
     def _record_late(self, entry: SpooledFrame, result: InspectionResult) -> None:
         fields: dict[str, Any] = {}
@@ -469,9 +456,9 @@ class MultiCameraRunner:
         if camera is not None:
             self._write_record(camera, frame, status, fields, answer)
             return
-        record = {"camera": entry.camera, "frame": entry.frame, "source": entry.source,
-                  "capture_time": frame.capture_time_iso, "status": status,
-                  **{k: v for k, v in fields.items() if v is not None}}
+        record = {"camera": entry.camera, **({"product": entry.product} if entry.product else {}),
+                  "frame": entry.frame, "source": entry.source, "capture_time": frame.capture_time_iso,
+                  "status": status, **{k: v for k, v in fields.items() if v is not None}}
         self.writer.write(record)
 
     def _record_left_in_spool(self) -> None:
@@ -529,6 +516,7 @@ class MultiCameraRunner:
                       answer: InspectionResult | None) -> None:
         record: dict[str, Any] = {
             "camera": camera.name,
+            "product": camera.product,
             "frame": frame.index,
             "source": frame.source_name,
             "capture_time": frame.capture_time_iso,
@@ -538,7 +526,7 @@ class MultiCameraRunner:
         try:
             self.writer.write(record)
         except (TypeError, ValueError) as exc:  # the frame still gets its line, saying what could not be written
-            record = {**{k: record[k] for k in ("camera", "frame", "source", "capture_time")},
+            record = {**{k: record[k] for k in ("camera", "product", "frame", "source", "capture_time")},
                       "status": STATUS_ERROR, "error": f"the result could not be recorded: {exc}"}
             self.writer.write(record)
             status = STATUS_ERROR
@@ -547,7 +535,7 @@ class MultiCameraRunner:
 
     def _record_event(self, camera: _Camera, event: str, when: float, **fields: Any) -> None:
         """A line that is not a frame's: a source gap or a camera that gave up."""
-        record = {"camera": camera.name, "event": event, "status": event,
+        record = {"camera": camera.name, "product": camera.product, "event": event, "status": event,
                   "time": datetime.fromtimestamp(when, tz=timezone.utc).isoformat(timespec="milliseconds"), **fields}
         self.writer.write(record)
 

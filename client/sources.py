@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -370,14 +370,30 @@ def open_source(spec: str, options: SourceOptions | None = None) -> FrameSource:
 _CAMERA_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # matched entirely (fullmatch): no trailing newline
 
 
-def parse_camera(text: str) -> tuple[str, str]:
-    """'NAME=SOURCE' -> (name, source); the name is used in file and folder names, so it is kept to
-    [A-Za-z0-9_.-], matched entirely, and may not be '.' or '..'."""
-    name, sep, source = text.partition("=")
-    if not sep or not name or not source:
-        raise SourceError(f"--camera expects NAME=SOURCE, got {redact(text)!r}")
+class CameraFlag(NamedTuple):
+    """One --camera flag: NAME[@PRODUCT]=SOURCE (product None: --model's)."""
+
+    name: str
+    source: str
+    product: str | None = None
+
+
+def check_name(name: str, what: str = "camera name") -> None:
+    """A camera or product name is used in file and folder names, topics and model names, so it is kept to
+    [A-Za-z0-9_.-], matched entirely, and may not be '.' or '..'; raises SourceError naming the problem."""
     if not _CAMERA_NAME.fullmatch(name):
-        raise SourceError(f"camera name {name!r} may only use letters, digits, '_', '.' and '-'")
+        raise SourceError(f"{what} {name!r} may only use letters, digits, '_', '.' and '-'")
     if name in (".", ".."):
-        raise SourceError(f"camera name {name!r} is not allowed (it names a folder: heat maps go to DIR/<camera>/)")
-    return name, source
+        raise SourceError(f"{what} {name!r} is not allowed (it names a folder: heat maps go to DIR/<camera>/)")
+
+
+def parse_camera(text: str) -> CameraFlag:
+    """'NAME=SOURCE' or 'NAME@PRODUCT=SOURCE' -> CameraFlag (names checked by check_name)."""
+    label, sep, source = text.partition("=")
+    name, at, product = label.partition("@")
+    if not sep or not name or not source or (at and not product) or "://" in label:  # a URL without NAME=
+        raise SourceError(f"--camera expects NAME=SOURCE or NAME@PRODUCT=SOURCE, got {redact(text)!r}")
+    check_name(name)
+    if at:
+        check_name(product, "product")
+    return CameraFlag(name, source, product or None)

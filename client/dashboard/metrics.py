@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -56,67 +56,83 @@ def verdict_label(verdict: object, score: object) -> str:
 
 
 class ClientMetrics:
-    """mrkd_frames_total{camera,verdict}, mrkd_frames_dropped_total{camera}, mrkd_request_errors_total{camera,code},
-    mrkd_request_latency_seconds{camera} (histogram), mrkd_anomaly_score{camera} (histogram), mrkd_server_up{url},
-    and what the dashboard itself costs: mrkd_dashboard_cpu_seconds_total."""
+    """mrkd_frames_total{camera,product,verdict}, mrkd_frames_dropped_total{camera,product},
+    mrkd_request_errors_total{camera,product,code}, mrkd_request_latency_seconds{camera,product} (histogram),
+    mrkd_anomaly_score{camera,product} (histogram), mrkd_server_up{url,product} (ready for that product's model),
+    mrkd_spool_frames{product}, mrkd_spool_bytes{product}, mrkd_spool_evicted_frames_total{product}, and what the
+    dashboard itself costs, mrkd_dashboard_cpu_seconds_total (the one series without a product: the page serves
+    every product at once)."""
 
-    def __init__(self, cameras: Sequence[str], urls: Sequence[str] = ()):
+    def __init__(self, cameras: Mapping[str, str], servers: Sequence[tuple[str, str]] = ()):
+        """cameras: name -> product; servers: (url, product) pairs."""
         self.registry = CollectorRegistry()
+        self.products = dict(cameras)
         self.frames = Counter("mrkd_frames_total", "Frames recorded (one JSONL line each), by verdict; 'invalid': "
                               "no valid verdict (dropped, failed, or a score that is not a number)",
-                              ["camera", "verdict"], registry=self.registry)
+                              ["camera", "product", "verdict"], registry=self.registry)
         self.dropped = Counter("mrkd_frames_dropped_total", "Frames dropped before they were answered",
-                               ["camera"], registry=self.registry)
+                               ["camera", "product"], registry=self.registry)
         self.errors = Counter("mrkd_request_errors_total", "Frames that got no answer, by gRPC status or client "
-                              "reason", ["camera", "code"], registry=self.registry)
+                              "reason", ["camera", "product", "code"], registry=self.registry)
         self.latency = Histogram("mrkd_request_latency_seconds", "Time from the first send to the answer (a retry "
-                                 "included), answered frames", ["camera"], buckets=LATENCY_BUCKETS_S,
+                                 "included), answered frames", ["camera", "product"], buckets=LATENCY_BUCKETS_S,
                                  registry=self.registry)
         self.score = Histogram("mrkd_anomaly_score", "Normalised anomaly score of answered frames (0.5 = threshold)",
-                               ["camera"], buckets=SCORE_BUCKETS, registry=self.registry)
-        self.server_up = Gauge("mrkd_server_up", "1 when the Triton server is ready for the model, else 0", ["url"],
-                               registry=self.registry)
+                               ["camera", "product"], buckets=SCORE_BUCKETS, registry=self.registry)
+        self.server_up = Gauge("mrkd_server_up", "1 when the Triton server is ready for the product's model, else 0",
+                               ["url", "product"], registry=self.registry)
         self.spool_frames = Gauge("mrkd_spool_frames", "Frames in the spool, waiting for a server to be inspected "
-                                  "late", registry=self.registry)
-        self.spool_bytes = Gauge("mrkd_spool_bytes", "Size of the spool on disk", registry=self.registry)
+                                  "late", ["product"], registry=self.registry)
+        self.spool_bytes = Gauge("mrkd_spool_bytes", "Size of the spool's frames on disk", ["product"],
+                                 registry=self.registry)
         self.spool_evicted = Counter("mrkd_spool_evicted_frames", "Frames evicted from the full spool (oldest "
-                                     "first), each recorded as dropped", registry=self.registry)
-        self._evicted_counted = 0
+                                     "first), each recorded as dropped", ["product"], registry=self.registry)
+        self._evicted_counted: dict[str, int] = {}  # product -> evicted frames counted so far
         self.dashboard_cpu = Counter("mrkd_dashboard_cpu_seconds", "CPU time used by the dashboard's own threads "
                                      "(web server, thumbnails, snapshots)", registry=self.registry)
-        for camera in cameras:  # every series exists from the start, at 0
+        for camera, product in self.products.items():  # every series exists from the start, at 0
             for verdict in VERDICTS:
-                self.frames.labels(camera, verdict)
-            self.dropped.labels(camera)
-            self.latency.labels(camera)
-            self.score.labels(camera)
-        for url in urls:
-            self.server_up.labels(url).set(0)
+                self.frames.labels(camera, product, verdict)
+            self.dropped.labels(camera, product)
+            self.latency.labels(camera, product)
+            self.score.labels(camera, product)
+        for url, product in servers:
+            self.server_up.labels(url, product).set(0)
+        self.set_spool({product: {} for product in self.products.values()})
 
     def answered(self, camera: str, verdict: str, score: float | None, latency_s: float | None) -> None:
-        self.frames.labels(camera, verdict).inc()
+        product = self.products[camera]
+        self.frames.labels(camera, product, verdict).inc()
         if latency_s is not None:
-            self.latency.labels(camera).observe(latency_s)
+            self.latency.labels(camera, product).observe(latency_s)
         if verdict != VERDICT_INVALID and score is not None:
-            self.score.labels(camera).observe(score)
+            self.score.labels(camera, product).observe(score)
+
+    def unanswered(self, camera: str) -> None:
+        """A frame without a verdict (dropped, failed, left in the spool)."""
+        self.frames.labels(camera, self.products[camera], VERDICT_INVALID).inc()
 
     def dropped_frame(self, camera: str) -> None:
-        self.frames.labels(camera, VERDICT_INVALID).inc()
-        self.dropped.labels(camera).inc()
+        self.unanswered(camera)
+        self.dropped.labels(camera, self.products[camera]).inc()
 
     def failed_frame(self, camera: str, code: str) -> None:
-        self.frames.labels(camera, VERDICT_INVALID).inc()
-        self.errors.labels(camera, code).inc()
+        self.unanswered(camera)
+        self.errors.labels(camera, self.products[camera], code).inc()
 
-    def set_spool(self, frames: int, size: int, evicted: int) -> None:
-        """The spool's figures; `evicted` is the spool's running count (the counter catches up to it)."""
-        self.spool_frames.set(frames)
-        self.spool_bytes.set(size)
-        self.spool_evicted.inc(max(0, evicted - self._evicted_counted))
-        self._evicted_counted = max(evicted, self._evicted_counted)
+    def set_spool(self, products: Mapping[str, Mapping[str, int]]) -> None:
+        """The spool's figures per product ({product: {frames, bytes, evicted}}); `evicted` is the spool's running
+        count (the counter catches up to it); a product no longer in the spool is at 0 frames."""
+        for product in set(self._evicted_counted) | set(products):
+            figures = products.get(product, {})
+            self.spool_frames.labels(product).set(figures.get("frames", 0))
+            self.spool_bytes.labels(product).set(figures.get("bytes", 0))
+            evicted, counted = figures.get("evicted", 0), self._evicted_counted.get(product, 0)
+            self.spool_evicted.labels(product).inc(max(0, evicted - counted))
+            self._evicted_counted[product] = max(evicted, counted)
 
-    def set_server(self, url: str, up: bool) -> None:
-        self.server_up.labels(url).set(1 if up else 0)
+    def set_server(self, url: str, up: bool, product: str = "") -> None:
+        self.server_up.labels(url, product).set(1 if up else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .access import AccessError, Credentials, allowed_hosts, is_loopback
 from .state import DashboardOptions, LineState
@@ -66,9 +66,11 @@ class Dashboard:
 
     def __init__(self, host: str, port: int, cameras: Sequence[tuple[str, "FrameSource"]],
                  pool: "ServerPool | None" = None, options: DashboardOptions | None = None,
-                 credentials: Credentials | None = None, spool=None):
+                 credentials: Credentials | None = None, spool=None,
+                 pools: "Mapping[str, ServerPool] | None" = None, products: Mapping[str, str] | None = None):
         """credentials: None reads them from the environment (access.py); required unless `host` is loopback.
-        spool: the run's client.spool.Spool, whose depth the page and /metrics show."""
+        spool: the run's client.spool.Spool, whose depth the page and /metrics show. With a product per camera:
+        `products` (camera -> product) and `pools` (product -> its ServerPool) instead of `pool`."""
         self.host, self.port = host, port
         try:
             self.credentials = credentials if credentials is not None else Credentials.from_env()
@@ -80,9 +82,11 @@ class Dashboard:
                 "MRKD_DASHBOARD_USER and MRKD_DASHBOARD_PASSWORD (see docs/dashboard.md), or bind to 127.0.0.1")
         self.allowed_hosts = allowed_hosts(host)
         self.spool = spool
-        self.pool = pool
-        urls = [s.url for s in pool.servers] if pool is not None else []
-        self.state = LineState([(name, source.description, source.live) for name, source in cameras], urls, options)
+        products = products or {}
+        self.pools: "dict[str, ServerPool]" = dict(pools or ({"": pool} if pool is not None else {}))
+        urls = [(s.url, product) for product, p in self.pools.items() for s in p.servers]
+        self.state = LineState([(name, source.description, source.live, products.get(name, ""))
+                                for name, source in cameras], urls, options)
         self.options = self.state.options
         self._published: tuple[int, str] = (0, json.dumps(self.state.snapshot()))
         self._closing = threading.Event()
@@ -184,15 +188,16 @@ class Dashboard:
 
     def _tick(self) -> None:
         with self._tick_lock:
-            if self.pool is not None:
-                for server in self.pool.servers:
-                    self.state.server_state(server.url, server.ready, "" if server.ready else server.last_error)
-                    self.state.update_server(server.url, requests=server.requests, in_flight=server.in_flight,
-                                             failures=server.failures)
+            for product, pool in self.pools.items():
+                for server in pool.servers:
+                    self.state.server_state(server.url, server.ready, "" if server.ready else server.last_error,
+                                            product)
+                    self.state.update_server(server.url, product, requests=server.requests,
+                                             in_flight=server.in_flight, failures=server.failures)
             if self._watchers > 0 or time.monotonic() < self._images_wanted_until:
                 self.state.render_pending()
             if self.spool is not None:
-                self.state.spool_state(**self.spool.figures())
+                self.state.spool_state(**self.spool.figures(), products=self.spool.product_figures())
             version = self._published[0] + 1
             self._published = (version, json.dumps(self.state.snapshot(), allow_nan=False))
         self._announce()

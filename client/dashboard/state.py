@@ -70,6 +70,7 @@ class _CameraView:
     source: str
     live: bool
     options: DashboardOptions
+    product: str = ""  # the Triton ensemble its frames go to
     state: str = "starting"
     started: float | None = None  # monotonic, when the camera started running
     sent: int = 0
@@ -96,6 +97,10 @@ class _CameraView:
         self.chart: deque[list[float]] = deque(maxlen=self.options.chart_seconds)  # [epoch second, max score]
 
 
+def _server_entry(url: str, product: str) -> dict[str, Any]:
+    return {"url": url, "product": product, "up": False, "detail": ""}
+
+
 def _finite(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -103,13 +108,17 @@ def _finite(value: object) -> float | None:
 class LineState(RunObserver):
     """The live state of every camera and server, and the Prometheus metrics (`metrics`)."""
 
-    def __init__(self, cameras: Sequence[tuple[str, str, bool]], urls: Sequence[str] = (),
-                 options: DashboardOptions | None = None):
-        """cameras: (name, source description, live) per camera; urls: the servers' HOST:PORT."""
+    def __init__(self, cameras: Sequence[tuple[str, str, bool] | tuple[str, str, bool, str]],
+                 urls: Sequence[str | tuple[str, str]] = (), options: DashboardOptions | None = None):
+        """cameras: (name, source description, live[, product]) per camera; urls: the servers' HOST:PORT, or
+        (HOST:PORT, product) pairs: a server's readiness is per product."""
         self.options = options or DashboardOptions()
-        self.cameras = {name: _CameraView(name, source, live, self.options) for name, source, live in cameras}
-        self.metrics = ClientMetrics(list(self.cameras), urls)
-        self.servers: dict[str, dict[str, Any]] = {url: {"url": url, "up": False, "detail": ""} for url in urls}
+        self.cameras = {name: _CameraView(name, source, live, self.options, *product)
+                        for name, source, live, *product in cameras}
+        servers = [(url, "") if isinstance(url, str) else tuple(url) for url in urls]
+        self.metrics = ClientMetrics({name: view.product for name, view in self.cameras.items()}, servers)
+        self.servers: dict[tuple[str, str], dict[str, Any]] = {
+            (url, product): _server_entry(url, product) for url, product in servers}
         self.finished = False
         self.spool: dict[str, Any] | None = None  # frames, bytes, evicted of the run's spool (none: no spool)
         self._servers_lock = threading.Lock()
@@ -174,7 +183,7 @@ class LineState(RunObserver):
             view.last_drop_reason = str(record.get("drop_reason", ""))
 
     def frame_spooled(self, camera: str, frame, record: dict[str, Any]) -> None:
-        self.metrics.frames.labels(camera, VERDICT_INVALID).inc()
+        self.metrics.unanswered(camera)
 
     def frame_failed(self, camera: str, frame, record: dict[str, Any]) -> None:
         message = str(record.get("error", ""))
@@ -185,21 +194,23 @@ class LineState(RunObserver):
             view.invalid += 1
             view.last_error = message
 
-    def server_state(self, url: str, up: bool, detail: str = "") -> None:
-        self.metrics.set_server(url, up)
+    def server_state(self, url: str, up: bool, detail: str = "", product: str = "") -> None:
+        self.metrics.set_server(url, up, product)
         with self._servers_lock:
-            entry = self.servers.setdefault(url, {"url": url})
+            entry = self.servers.setdefault((url, product), _server_entry(url, product))
             entry.update(up=bool(up), detail=detail)
 
-    def spool_state(self, frames: int, bytes: int, evicted: int) -> None:
-        """The spool's depth (frames waiting to be inspected late), its size and how many frames it evicted."""
+    def spool_state(self, frames: int, bytes: int, evicted: int,
+                    products: dict[str, dict[str, int]] | None = None) -> None:
+        """The spool's depth (frames waiting to be inspected late), its size and how many frames it evicted, in all
+        (the page) and per product (`products`, /metrics; default: all under product "")."""
         self.spool = {"frames": frames, "bytes": bytes, "evicted": evicted}
-        self.metrics.set_spool(frames, bytes, evicted)
+        self.metrics.set_spool(products if products is not None else {"": dict(self.spool)})
 
-    def update_server(self, url: str, **figures: Any) -> None:
+    def update_server(self, url: str, product: str = "", **figures: Any) -> None:
         """Extra per-server figures for the page (requests, in_flight, failures)."""
         with self._servers_lock:
-            self.servers.setdefault(url, {"url": url, "up": False, "detail": ""}).update(figures)
+            self.servers.setdefault((url, product), _server_entry(url, product)).update(figures)
 
     # -- tick thread -----------------------------------------------------------------------------------------------
     def render_pending(self) -> int:
@@ -273,6 +284,7 @@ class LineState(RunObserver):
                          for p in reversed(view.anomalies) if p.jpeg is not None]
             snapshot = {
                 "name": view.name,
+                "product": view.product,
                 "source": view.source,
                 "live": view.live,
                 "state": state,

@@ -33,11 +33,14 @@ function card(camera) {
   const root = document.getElementById("camera-card").content.firstElementChild.cloneNode(true);
   root.dataset.camera = camera.name;
   const parts = {};
-  for (const name of ["name", "state", "source", "fps", "p50", "p99", "answered", "anomalous", "dropped", "errors",
+  for (const name of ["name", "product", "state", "source", "fps", "p50", "p99", "answered", "anomalous", "dropped", "errors",
                       "latest-image", "latest-caption", "score-chart", "chart-span", "problem", "anomalies"]) {
     parts[name] = root.querySelector("." + name);
   }
   parts.name.textContent = camera.name;
+  parts.product.textContent = camera.product || "";
+  parts.product.hidden = !camera.product;
+  root.dataset.product = camera.product || "";
   parts.source.textContent = camera.source + (camera.live ? " (live)" : "");
   parts.source.title = camera.source;
   document.getElementById("cameras").appendChild(root);
@@ -159,8 +162,9 @@ function updateServers(servers) {
     const li = document.createElement("li");
     li.className = "server";
     li.dataset.url = server.url;
+    li.dataset.product = server.product || "";
     const url = document.createElement("span");
-    url.textContent = server.url;
+    url.textContent = server.product ? `${server.url} · ${server.product}` : server.url;
     const badge = document.createElement("span");
     setBadge(badge, server.up ? "up" : "down", server.up ? "up" : "down");
     li.append(url, badge);
