@@ -137,6 +137,22 @@ def _selected(features: Sequence[torch.Tensor], scales: Sequence[int] | None, po
     return local_average(features, pool)
 
 
+def _left_out_non_finite(features: Sequence[Sequence[torch.Tensor]],
+                         scales: Sequence[int] | None) -> torch.Tensor | None:
+    """[B] bool: images with a NaN/Inf in a feature map that `scales` leaves out (None when none is left out). A
+    broken network must not score as normal because its broken part is not read."""
+    left_out = [f[i] for f in features for i in range(len(f)) if scales is not None and i not in scales]
+    if not left_out:
+        return None
+    return torch.stack([~torch.isfinite(f).flatten(1).all(dim=1) for f in left_out]).any(dim=0)
+
+
+def _flag_left_out(result: tuple[torch.Tensor, torch.Tensor],
+                   invalid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    maps, scores = result
+    return (maps, scores) if invalid is None else (maps, scores.masked_fill(invalid.to(scores.device), float("nan")))
+
+
 def reflect_pad(maps: torch.Tensor, radius: int, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     """Pad the given dims of `maps` by `radius` with scipy's "reflect" border (any radius)."""
     for dim in dims:
@@ -200,12 +216,13 @@ def anomaly_map_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
     non-finite feature value)."""
+    left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     size = _validate(teacher, student, out_size, sigma)
     summed, invalid = _distances(teacher, student, size)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
     scores = maps.flatten(1).amax(dim=1)
-    return maps, scores.masked_fill(invalid, float("nan"))
+    return _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out)
 
 
 @torch.no_grad()
@@ -226,6 +243,7 @@ def anomaly_map(
     An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
+    left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     height, width = _validate(teacher, student, out_size, sigma)
     if not native_available():
@@ -237,5 +255,6 @@ def anomaly_map(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return anomaly_map_reference(teacher, student, (height, width), sigma)
-    return torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma))
+        return _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma), left_out)
+    return _flag_left_out(torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma)),
+                          left_out)

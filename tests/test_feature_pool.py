@@ -116,3 +116,18 @@ def test_the_fused_op_and_the_reference_pick_and_pool_the_same_features():
         torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="scales must be indices of the 3 feature maps"):
         anomaly_map(teacher, student, (32, 32), 2.0, scales=(1, 3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_in_a_tap_the_map_leaves_out_still_makes_the_score_nan(bad):
+    """A broken network never scores as normal because its broken part is not read (only image 1 is broken)."""
+    from mrkd.ops import anomaly_map
+
+    g = torch.Generator().manual_seed(6)
+    teacher = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 16), (6, 8), (8, 4))]
+    student = [torch.randn(2, c, s, s, generator=g) for c, s in ((4, 16), (6, 8), (8, 4))]
+    student[0][1, 2, 3, 4] = bad
+    for op in (anomaly_map, anomaly_map_reference):
+        maps, scores = op(teacher, student, (32, 32), 2.0, scales=(1, 2), pool=3)
+        assert torch.isfinite(scores[0]) and torch.isnan(scores[1])
+        assert torch.isfinite(maps).all()  # the map itself never read the bad tap
