@@ -224,4 +224,4 @@ def test_replicas_scale_from_2_to_3_and_back_to_1_through_dns_mid_run_and_every_
     assert first_c - added_at < 6.0  # resolve interval 1 s + the probe (health check and one real inference)
     assert set(during) == {a, b, c} and min(during.values()) > 0.2
     assert after == {a: 1.0}
-    assert f"{url}: added {c}" in messages and f"{url}: dropped {b}" in messages
+    assert f"mrkd: {url}: added {c}" in messages and f"mrkd: {url}: dropped {b}" in messages  # product: change
