@@ -8,7 +8,9 @@
 Every run is `python -m mrkd.train` then `python -m mrkd.evaluate` (the public commands, one torch thread each, so
 runs are reproducible and can share the machine), under runs/accuracy/<set>/<variant>/seed<N>. A run whose
 eval/metrics.json exists is reused, and training resumes from its checkpoint, so an interrupted benchmark continues
-where it stopped.
+where it stopped. A finished run whose checkpoint reads its map with other settings than the command would now (the
+product's map defaults changed since) is re-scored without training: `mrkd.train --resume` recalibrates it under the
+new settings (the weights stay bit for bit) and `mrkd.evaluate` runs again.
 
 Studies:
   main      MRKD and RD4AD on elpv:mono, elpv:poly and every textures set; ILM-only and FLM-only on elpv:mono and
@@ -43,6 +45,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # mrkd, for the map settings of a run's checkpoint (imported where needed: torch)
 VARIANTS = {
     "MRKD": ["--ilm", "on", "--flm", "on"],
     "RD4AD": ["--ilm", "off", "--flm", "off"],
@@ -106,14 +109,34 @@ def plan(study: str, seeds: list[int], sets: list[str]) -> list[Run]:
     return runs
 
 
+def stale_map_settings(run: Run, root: Path, extra: list[str]) -> str | None:
+    """For a finished MRKD run made with other map settings than its command gives now: what changed; else None."""
+    folder = root / run.folder
+    if run.is_patchcore or not (folder / "eval" / "metrics.json").exists():
+        return None
+    from mrkd.core.config import MAP_SETTINGS, ModelConfig
+    from mrkd.runtime.checkpoint import load_checkpoint
+    from mrkd.train import parse_args
+
+    wanted = parse_args(run.commands(root, extra)[0])[0].model_config()
+    saved = ModelConfig.from_dict(load_checkpoint(folder / "checkpoint.pt")["model_config"])
+    changed = [f"{k} {getattr(saved, k)} -> {getattr(wanted, k)}" for k in MAP_SETTINGS
+               if getattr(saved, k) != getattr(wanted, k)]
+    return ", ".join(changed) or None
+
+
 def execute(run: Run, root: Path, extra: list[str]) -> dict:
-    """Trains and evaluates unless already done; returns the metrics (+ train seconds when trained now)."""
+    """Trains and evaluates unless already done (re-scores a run made with other map settings); returns the metrics
+    (+ train seconds when known)."""
     if run.is_patchcore:
         return execute_patchcore(run, root)
     train_args, eval_args = run.commands(root, extra)
     folder = Path(eval_args[-1]).parent
     metrics_file = folder / "eval" / "metrics.json"
     seconds = None
+    if changed := stale_map_settings(run, root, extra):
+        print(f"re-scoring {run.dataset} {run.variant} seed {run.seed} without training: {changed}", flush=True)
+        metrics_file.unlink()
     if not metrics_file.exists():
         folder.mkdir(parents=True, exist_ok=True)
         resumed = (folder / "checkpoint.pt").exists()  # its time so far is unknown: no training time recorded
@@ -129,7 +152,7 @@ def execute(run: Run, root: Path, extra: list[str]) -> dict:
         print(f"done {run.dataset} {run.variant} seed {run.seed}: {seconds:.0f} s" + (" (resumed)" if resumed else ""),
               flush=True)
         seconds = None if resumed else seconds
-    elif (folder / "train_seconds.txt").exists():
+    if seconds is None and (folder / "train_seconds.txt").exists():
         seconds = float((folder / "train_seconds.txt").read_text())
     metrics = json.loads(metrics_file.read_text())
     metrics["train_seconds"] = seconds
@@ -358,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     to_do = sum(not (root / r.folder / "eval" / "metrics.json").exists() for r in runs)
     if args.report:
         runs = [r for r in runs if (root / r.folder / "eval" / "metrics.json").exists()]
+        stale = {r: changed for r in runs if (changed := stale_map_settings(r, root, extra))}
+        for r, changed in stale.items():
+            print(f"left out {r.dataset} {r.variant} seed {r.seed}: made with other map settings ({changed}); run "
+                  f"without --report to re-score it", flush=True)
+        runs = [r for r in runs if r not in stale]
         print(f"{len(runs)} runs done, {to_do} not (left out)", flush=True)
     else:
         print(f"{len(runs)} runs ({to_do} to do), {args.jobs} at a time", flush=True)

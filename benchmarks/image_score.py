@@ -8,11 +8,13 @@
 No training: the teacher and student features of the test images are computed once (the product's network, torch,
 fp32, one thread) and each variant is scored on them with the plain-PyTorch anomaly map (mrkd.ops'
 reference). A variant is a set of scales (indices into the network's taps, 0 = stride 4, 1 = stride 8, 2 = stride
-16; the product sums 1 and 2 by default), the local average of the features before the distance (PatchCore's
+16), the local average of the features before the distance (PatchCore's
 neighbourhood aggregation), a Gaussian sigma in pixels at the model's image size (the product: 4 at 256 px,
 scaled with the size) and k, the number of map pixels averaged for the image score (k = 1 is the product's max).
-Use a checkpoint of a seed the reported tables do not use (e.g. 7): choosing a variant on a reported test split
-would tune on it.
+A variant's pixel AUROC and AU-PRO are what the heat map gives with those scales (the model's --map-scales; the
+product: 0+1+2), its top-k image AUROC what the image score gives with them (--score-scales; the product: 2): the two
+are chosen separately. Use a checkpoint of a seed the reported tables do not use (e.g. 7): choosing a variant on a
+reported test split would tune on it.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--ks", default=DEFAULT_KS, help=f"comma-separated pixel counts (default {DEFAULT_KS})")
     p.add_argument("--scales", default=None, help="comma-separated scale sets, e.g. 0+1+2,1+2 (default: the "
-                   "model's)")
+                   "model's map and score scales)")
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas in pixels (default: the model's)")
     p.add_argument("--pools", default=None, help="comma-separated neighbourhood sizes averaged before the distance "
                    "(default: the model's; 1: none; 3: PatchCore's local aggregation)")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else [detector.config.blur_sigma]
     results = []
     pools = [int(v) for v in a.pools.split(",")] if a.pools else [detector.config.feature_pool]
-    scale_sets = parse_scales(a.scales) if a.scales else [detector.config.map_scales]
+    scale_sets = parse_scales(a.scales) if a.scales else list(dict.fromkeys([detector.config.map_scales,
+                                                                             detector.config.score_scales]))
     for scales, sigma, pool in itertools.product(scale_sets, sigmas, pools):
         maps = variant_maps(teachers, students, scales, size, sigma, pool)
         row = {"scales": "+".join(map(str, scales)), "sigma": sigma, "pool": pool}

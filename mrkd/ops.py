@@ -205,6 +205,23 @@ def _distances(
     return total, invalid
 
 
+def _score_from(score_taps: tuple[torch.Tensor, torch.Tensor] | None,
+                result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map of `result` with the score of `score_taps` (the max of their own smoothed map); an image whose map
+    read a NaN/Inf keeps a NaN score whatever the score's taps say."""
+    if score_taps is None:
+        return result
+    maps, map_scores = result
+    return maps, score_taps[1].masked_fill(torch.isnan(map_scores), float("nan"))
+
+
+def _splits(scales: Sequence[int] | None, score_scales: Sequence[int] | None) -> bool:
+    """Whether the score reads other taps than the map (a second pass over the features)."""
+    if score_scales is None:
+        return False
+    return scales is None or sorted(score_scales) != sorted(scales)
+
+
 @torch.no_grad()
 def anomaly_map_reference(
     teacher: Sequence[torch.Tensor],
@@ -213,16 +230,20 @@ def anomaly_map_reference(
     sigma: float = 4.0,
     scales: Sequence[int] | None = None,
     pool: int = 1,
+    score_scales: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
-    non-finite feature value)."""
+    non-finite feature value). See `anomaly_map` for the arguments."""
+    score = None
+    if _splits(scales, score_scales):
+        score = anomaly_map_reference(teacher, student, out_size, sigma, score_scales, pool)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     size = _validate(teacher, student, out_size, sigma)
     summed, invalid = _distances(teacher, student, size)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
     scores = maps.flatten(1).amax(dim=1)
-    return _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out)
+    return _score_from(score, _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out))
 
 
 @torch.no_grad()
@@ -233,6 +254,7 @@ def anomaly_map(
     sigma: float = 4.0,
     scales: Sequence[int] | None = None,
     pool: int = 1,
+    score_scales: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused anomaly map: (maps [B, 1, H, W] float32, scores [B] float32, the max of each smoothed map).
 
@@ -240,9 +262,14 @@ def anomaly_map(
     neighbourhood first (see local_average; 1 = none): both in PyTorch, before the fused operator.
     Per scale 1 - cosine similarity over channels, bilinear upsampling (align_corners=True) to out_size, sum
     over scales, Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect" border; sigma 0 = none), max.
+    `score_scales` (default: `scales`) lets the image score read other taps than the heat map: the score is then
+    the max of the smoothed map of those taps (a second call of the operator), the maps stay those of `scales`.
     An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
+    score = None
+    if _splits(scales, score_scales):
+        score = anomaly_map(teacher, student, out_size, sigma, score_scales, pool)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     height, width = _validate(teacher, student, out_size, sigma)
@@ -255,6 +282,7 @@ def anomaly_map(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma), left_out)
-    return _flag_left_out(torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma)),
-                          left_out)
+        return _score_from(score, _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma),
+                                                 left_out))
+    return _score_from(score, _flag_left_out(
+        torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma)), left_out))

@@ -100,3 +100,25 @@ def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itse
     second = out.read_text()
     assert second.count(accuracy.PATCHCORE_SECTION[0]) == 1 and "| elpv:mono | - | none |" not in second
     assert second.startswith("# Results\n\ntable\n") and "\nnotes\n" in second
+
+
+def test_a_run_made_with_other_map_settings_is_found_and_a_current_one_is_not(tmp_path):
+    """What makes the benchmark re-score a finished run (no training) after the product's map defaults changed."""
+    import shutil
+
+    from mrkd.core.config import TrainConfig
+    from mrkd.runtime.training import train
+
+    accuracy = load_benchmark("accuracy")
+    old, new = accuracy.Run("textures:brick", "MRKD", 5), accuracy.Run("textures:grass", "MRKD", 5)
+    tiny = dict(image_size=64, batch_size=4, max_train_images=8, save_every=0, seed=5, steps=1)
+    for run, maps in ((old, {"map_scales": (1, 2), "score_scales": (1, 2), "feature_pool": 1}), (new, {})):
+        folder = tmp_path / run.folder
+        train(TrainConfig(data=run.dataset, out=str(folder), **tiny, **maps), show_progress=False)
+        (folder / "eval").mkdir()
+        (folder / "eval" / "metrics.json").write_text("{}")
+    assert accuracy.stale_map_settings(new, tmp_path, []) is None
+    changed = accuracy.stale_map_settings(old, tmp_path, [])
+    assert changed == "feature_pool 1 -> 3, map_scales (1, 2) -> (0, 1, 2), score_scales (1, 2) -> (2,)"
+    shutil.rmtree(tmp_path / new.folder / "eval")
+    assert accuracy.stale_map_settings(new, tmp_path, []) is None  # not finished: trained as usual, not re-scored

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from mrkd.core.config import DEFAULT_FEATURE_POOL, DEFAULT_MAP_SCALES, ModelConfig, TrainConfig
+from mrkd.core.config import (
+    DEFAULT_FEATURE_POOL,
+    DEFAULT_MAP_SCALES,
+    DEFAULT_SCORE_SCALES,
+    ModelConfig,
+    TrainConfig,
+)
 from mrkd.core.errors import OptionError
 from mrkd.ops import anomaly_map_reference, local_average
 
@@ -55,20 +61,29 @@ def test_a_pool_that_is_not_an_odd_size_is_refused(pool):
         local_average([torch.zeros(1, 1, 4, 4)], pool)
 
 
-def test_new_models_pool_and_drop_the_stride_4_tap_and_checkpoints_from_before_the_options_do_not():
+def test_new_models_pool_map_every_tap_score_the_stride_16_tap_and_older_checkpoints_keep_their_map():
     new = TrainConfig().model_config()
-    assert new.feature_pool == DEFAULT_FEATURE_POOL == 3 and new.map_scales == DEFAULT_MAP_SCALES == (1, 2)
+    assert new.feature_pool == DEFAULT_FEATURE_POOL == 3
+    assert new.map_scales == DEFAULT_MAP_SCALES == (0, 1, 2) and new.score_scales == DEFAULT_SCORE_SCALES == (2,)
     assert TrainConfig(feature_pool=1, map_scales=[2, 0]).model_config().map_scales == (0, 2)
     old = ModelConfig().to_dict()
-    del old["feature_pool"], old["map_scales"]
-    assert ModelConfig.from_dict(old).feature_pool == 1 and ModelConfig.from_dict(old).map_scales == (0, 1, 2)
-    saved = ModelConfig(feature_pool=5, map_scales=(0, 2)).to_dict()
-    assert ModelConfig.from_dict(saved).feature_pool == 5 and ModelConfig.from_dict(saved).map_scales == (0, 2)
+    del old["feature_pool"], old["map_scales"], old["score_scales"]
+    restored = ModelConfig.from_dict(old)  # the paper's map: no mean, all taps, the score is the map's max
+    assert restored.feature_pool == 1 and restored.map_scales == restored.score_scales == (0, 1, 2)
+    first_issue_18 = ModelConfig().to_dict()  # written with --map-scales but before --score-scales
+    first_issue_18["map_scales"] = [1, 2]
+    del first_issue_18["score_scales"]
+    assert ModelConfig.from_dict(first_issue_18).score_scales == (1, 2)
+    saved = ModelConfig(feature_pool=5, map_scales=(0, 2), score_scales=(1,)).to_dict()
+    restored = ModelConfig.from_dict(saved)
+    assert restored.feature_pool == 5 and restored.map_scales == (0, 2) and restored.score_scales == (1,)
 
 
 BAD_MAP_SETTINGS = [({"feature_pool": 4}, "feature_pool"), ({"feature_pool": 0}, "feature_pool"),
                     ({"map_scales": ()}, "map_scales"), ({"map_scales": (1, 1)}, "map_scales"),
-                    ({"map_scales": (3,)}, "map_scales"), ({"map_scales": (-1,)}, "map_scales")]
+                    ({"map_scales": (3,)}, "map_scales"), ({"map_scales": (-1,)}, "map_scales"),
+                    ({"score_scales": ()}, "score_scales"), ({"score_scales": (2, 2)}, "score_scales"),
+                    ({"score_scales": (4,)}, "score_scales")]
 
 
 @pytest.mark.parametrize("options, named", BAD_MAP_SETTINGS)
@@ -78,27 +93,69 @@ def test_a_map_setting_that_cannot_work_is_refused_naming_it(options, named):
     assert caught.value.parameters == (named,)
 
 
-def test_the_detector_scores_the_pooled_features(tiny_checkpoint):
+def test_the_detector_maps_every_pooled_tap_and_scores_the_pooled_stride_16_tap(tiny_checkpoint):
     from mrkd.core.preprocess import normalize
     from mrkd.runtime.detector import Detector
 
     detector = Detector.load(tiny_checkpoint, precision="fp32")
-    assert detector.config.feature_pool == DEFAULT_FEATURE_POOL and detector.config.map_scales == (1, 2)
+    assert detector.config.map_scales == (0, 1, 2) and detector.config.score_scales == (2,)
     batch = torch.randint(0, 256, (2, 3, detector.image_size, detector.image_size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
     maps, scores = detector.raw_maps(batch)
     teacher, student = detector.network(normalize(batch))
-    pooled = [[torch.from_numpy(neighbourhood_mean_by_loops(fs[i].numpy(), 3)).float() for i in (1, 2)]
+    pooled = [[torch.from_numpy(neighbourhood_mean_by_loops(f.numpy(), 3)).float() for f in fs]
               for fs in (teacher, student)]
-    size = (detector.image_size, detector.image_size)
-    want_maps, want_scores = anomaly_map_reference(*pooled, size, detector.config.blur_sigma)
+    size, sigma = (detector.image_size, detector.image_size), detector.config.blur_sigma
+    want_maps, heat_max = anomaly_map_reference(*pooled, size, sigma)
+    _, want_scores = anomaly_map_reference(pooled[0][2:], pooled[1][2:], size, sigma)
     torch.testing.assert_close(maps, want_maps[:, 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
-    unpooled, _ = anomaly_map_reference(teacher[1:], student[1:], size, detector.config.blur_sigma)
+    assert (heat_max > scores + 1e-4).all()  # the score is not the heat map's maximum
+    unpooled, _ = anomaly_map_reference(teacher, student, size, sigma)
     assert not torch.allclose(maps, unpooled[:, 0], atol=1e-4)
-    all_taps, _ = anomaly_map_reference(*[[torch.from_numpy(neighbourhood_mean_by_loops(f.numpy(), 3)).float()
-                                           for f in fs] for fs in (teacher, student)], size, detector.config.blur_sigma)
-    assert (all_taps[:, 0] > maps + 1e-6).any()  # the stride-4 tap's distance is left out
+
+
+def _features(seed: int, batch: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = ((4, 16), (6, 8), (8, 4))
+    return ([torch.randn(batch, c, s, s, generator=g) for c, s in sizes],
+            [torch.randn(batch, c, s, s, generator=g) for c, s in sizes])
+
+
+@pytest.mark.parametrize("map_scales, score_scales", [((0, 1, 2), (2,)), ((1, 2), (0,)), ((0, 2), (1, 2)),
+                                                      ((0, 1, 2), (0, 1, 2))])
+@pytest.mark.parametrize("pool", [1, 3])
+def test_the_score_reads_its_own_taps_and_the_map_its_own(map_scales, score_scales, pool):
+    """Fused op and reference against maps made from the hand-pooled taps alone."""
+    from mrkd.ops import anomaly_map
+
+    teacher, student = _features(8)
+    by_hand = [[torch.from_numpy(neighbourhood_mean_by_loops(f.numpy(), pool)).float() for f in fs]
+               for fs in (teacher, student)]
+
+    def only(taps):
+        return [[fs[i] for i in taps] for fs in by_hand]
+
+    want_maps, _ = anomaly_map_reference(*only(map_scales), (32, 32), 2.0)
+    score_maps, _ = anomaly_map_reference(*only(score_scales), (32, 32), 2.0)
+    want_scores = score_maps.flatten(1).amax(dim=1)
+    for op in (anomaly_map, anomaly_map_reference):
+        maps, scores = op(teacher, student, (32, 32), 2.0, scales=map_scales, pool=pool, score_scales=score_scales)
+        torch.testing.assert_close(maps, want_maps, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("broken_tap", [0, 1, 2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_in_any_tap_makes_a_split_score_nan(broken_tap, bad):
+    """Tap 0 only in the map, tap 1 in neither, tap 2 only in the score: the broken image never scores normal."""
+    from mrkd.ops import anomaly_map
+
+    teacher, student = _features(9)
+    teacher[broken_tap][1, 0, 1, 1] = bad
+    for op in (anomaly_map, anomaly_map_reference):
+        _, scores = op(teacher, student, (32, 32), 2.0, scales=(0,), pool=3, score_scales=(2,))
+        assert torch.isfinite(scores[0]) and torch.isnan(scores[1])
 
 
 def test_the_fused_op_and_the_reference_pick_and_pool_the_same_features():

@@ -60,12 +60,31 @@ def test_resume_continues_exactly(trained, tmp_path):
 def test_resume_may_change_how_the_map_is_read_but_not_the_network(trained, tmp_path):
     """A run trained before the map options existed (or with other values) continues; its checkpoint then holds the
     new map settings. Another network or masking is refused."""
-    train(tiny(tmp_path, steps=3, feature_pool=1, map_scales=(0, 1, 2)), show_progress=False)
+    train(tiny(tmp_path, steps=3, feature_pool=1, map_scales=(1, 2), score_scales=(1, 2)), show_progress=False)
     resumed = load_checkpoint(train(tiny(tmp_path, steps=4, resume=True), show_progress=False))
     np.testing.assert_allclose(resumed["losses"], load_checkpoint(trained)["losses"], rtol=1e-6)
-    assert resumed["model_config"]["feature_pool"] == 3 and tuple(resumed["model_config"]["map_scales"]) == (1, 2)
+    config = resumed["model_config"]
+    assert config["feature_pool"] == 3 and tuple(config["map_scales"]) == (0, 1, 2)
+    assert tuple(config["score_scales"]) == (2,)
     with pytest.raises(CheckpointError, match="cannot resume"):
         train(tiny(tmp_path, steps=5, flm=False, resume=True), show_progress=False)
+
+
+def test_resuming_a_finished_run_with_new_map_settings_recalibrates_and_keeps_every_weight(tmp_path):
+    """How a trained model moves to other map settings without training (what benchmarks/accuracy.py does to runs
+    made before a map default changed): weights and BatchNorm statistics stay bit for bit, the calibration is
+    refitted for the new score; one more step does change them."""
+    old = load_checkpoint(train(tiny(tmp_path, map_scales=(1, 2), score_scales=(1, 2)), show_progress=False))
+    new = load_checkpoint(train(tiny(tmp_path, resume=True), show_progress=False))
+    assert new["step"] == old["step"] == 4 and new["losses"] == old["losses"]
+    assert new["state_dict"].keys() == old["state_dict"].keys()
+    for key, value in old["state_dict"].items():
+        assert torch.equal(value, new["state_dict"][key]), key
+    assert tuple(new["model_config"]["score_scales"]) == (2,) and tuple(old["model_config"]["score_scales"]) == (1, 2)
+    assert new["calibration"]["threshold"] != old["calibration"]["threshold"]
+    more = load_checkpoint(train(tiny(tmp_path, steps=5, resume=True), show_progress=False))
+    bn = [k for k in old["state_dict"] if k.endswith("running_mean") and not k.startswith("teacher.")]
+    assert more["step"] == 5 and bn and not all(torch.equal(old["state_dict"][k], more["state_dict"][k]) for k in bn)
 
 
 @pytest.mark.slow  # trains a model

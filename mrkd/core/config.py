@@ -15,12 +15,15 @@ SIGMA_AT_256 = 4.0
 # Teacher and student features are averaged over this neighbourhood before the distance (PatchCore's locally aware
 # features); checkpoints written before the option existed used 1 (none).
 DEFAULT_FEATURE_POOL = 3
-# The teacher taps whose distances are summed into the map (0 = stride 4, 1 = stride 8, 2 = stride 16); the student
-# still restores all three in training. Checkpoints written before the option existed summed all three.
-DEFAULT_MAP_SCALES = (1, 2)
+# The teacher taps whose distances are summed into the heat map (0 = stride 4, 1 = stride 8, 2 = stride 16), and
+# those whose smoothed map's maximum is the image score. The fine stride-4 tap localises small defects best; the
+# stride-16 tap alone separates normal from defective images best (docs/results.md, chosen on a dropped seed).
+# Checkpoints written before the options existed summed all three taps for both.
+DEFAULT_MAP_SCALES = (0, 1, 2)
+DEFAULT_SCORE_SCALES = (2,)
 N_TAPS = 3
 # ModelConfig fields that only say how the map is read from the features (a run may resume with other values)
-MAP_SETTINGS = ("sigma", "feature_pool", "map_scales")
+MAP_SETTINGS = ("sigma", "feature_pool", "map_scales", "score_scales")
 # Optimizer steps of the embedded default (elpv:mono, MobileNetV2, 256 px): about 10 minutes of 2 CPU cores of the
 # slower kind (fp32); more steps did not help on the dropped seed (docs/results.md, issue 18).
 DEFAULT_STEPS = 600
@@ -37,22 +40,25 @@ class ModelConfig:
     inference_mask: bool = False  # the reference code's random test-time mask; off = deterministic
     sigma: float | None = None  # Gaussian sigma in pixels; None = 4 at 256 px, scaled with image_size
     feature_pool: int = DEFAULT_FEATURE_POOL  # k x k local average of the features before the distance (1 = none)
-    map_scales: tuple[int, ...] = DEFAULT_MAP_SCALES  # taps summed into the anomaly map
+    map_scales: tuple[int, ...] = DEFAULT_MAP_SCALES  # taps summed into the heat map
+    score_scales: tuple[int, ...] = DEFAULT_SCORE_SCALES  # taps whose smoothed map's max is the image score
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         if self.feature_pool < 1 or self.feature_pool % 2 == 0:
             raise OptionError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}", "feature_pool")
-        scales = tuple(self.map_scales)
-        if not scales or len(set(scales)) != len(scales) or not set(scales) <= set(range(N_TAPS)):
-            raise OptionError(f"map_scales must be distinct tap indices among 0, 1, 2 (stride 4, 8, 16), got "
-                              f"{list(scales)}", "map_scales")
-        self.map_scales = tuple(sorted(scales))
+        self.map_scales = _tap_set(self.map_scales, "map_scales")
+        self.score_scales = _tap_set(self.score_scales, "score_scales")
 
     @property
     def blur_sigma(self) -> float:
         return self.sigma if self.sigma is not None else SIGMA_AT_256 * self.image_size / 256.0
+
+    def map_options(self) -> dict[str, Any]:
+        """The keyword arguments of mrkd.ops.anomaly_map after the features and the output size."""
+        return {"sigma": self.blur_sigma, "scales": self.map_scales, "pool": self.feature_pool,
+                "score_scales": self.score_scales}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +69,16 @@ class ModelConfig:
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
         values.setdefault("feature_pool", 1)  # what a checkpoint from before these options computed
         values.setdefault("map_scales", tuple(range(N_TAPS)))
+        values.setdefault("score_scales", values["map_scales"])  # the score was the max of the heat map
         return cls(**values)
+
+
+def _tap_set(scales: Any, name: str) -> tuple[int, ...]:
+    taps = tuple(scales)
+    if not taps or len(set(taps)) != len(taps) or not set(taps) <= set(range(N_TAPS)):
+        raise OptionError(f"{name} must be distinct tap indices among 0, 1, 2 (stride 4, 8, 16), got {list(taps)}",
+                          name)
+    return tuple(sorted(taps))
 
 
 @dataclass
@@ -101,8 +116,11 @@ class TrainConfig:
                                help=f"average teacher and student features over a k x k neighbourhood before their "
                                     f"distance (default {DEFAULT_FEATURE_POOL}; 1: none)")
     map_scales: tuple[int, ...] = option(DEFAULT_MAP_SCALES, type=int_list,
-                                         help="teacher taps summed into the anomaly map, 0 = stride 4, 1 = stride 8, "
-                                              "2 = stride 16 (default 1,2; all three are trained)")
+                                         help="teacher taps summed into the heat map, 0 = stride 4, 1 = stride 8, "
+                                              "2 = stride 16 (default 0,1,2; all three are trained)")
+    score_scales: tuple[int, ...] = option(DEFAULT_SCORE_SCALES, type=int_list,
+                                           help="teacher taps whose smoothed map's maximum is the image score "
+                                                "(default 2; the same as --map-scales: the max of the heat map)")
     save_every: int = option(250, type=int, help="checkpoint every K steps (0: only at the end)")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     # training compute: fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)
@@ -115,7 +133,8 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(backbone=self.backbone, image_size=self.image_size, flm=self.flm, flm_ratio=self.flm_ratio,
-                           feature_pool=self.feature_pool, map_scales=tuple(self.map_scales))
+                           feature_pool=self.feature_pool, map_scales=tuple(self.map_scales),
+                           score_scales=tuple(self.score_scales))
 
     def steps_per_epoch(self, n_train: int, world_size: int = 1) -> int:
         per_rank = max(1, self.batch_size // world_size)

@@ -114,10 +114,9 @@ def max_relative_error(features: Features, reference: Features) -> float:
 
 def score_relative_error(features: Features, reference: Features, config: ModelConfig) -> float:
     """Largest |score difference| / |torch score| of the image scores (the model's map settings) of both sets."""
-    size, map_settings = (config.image_size, config.image_size), (config.blur_sigma, config.map_scales,
-                                                                  config.feature_pool)
-    _, got = anomaly_map([t.float() for t in features[0]], [s.float() for s in features[1]], size, *map_settings)
-    _, want = anomaly_map([t.float() for t in reference[0]], [s.float() for s in reference[1]], size, *map_settings)
+    size, options = (config.image_size, config.image_size), config.map_options()
+    _, got = anomaly_map([t.float() for t in features[0]], [s.float() for s in features[1]], size, **options)
+    _, want = anomaly_map([t.float() for t in reference[0]], [s.float() for s in reference[1]], size, **options)
     return float(((got - want).abs() / want.abs().clamp_min(1e-12)).max())
 
 

@@ -108,8 +108,7 @@ class Detector:
         """uint8 [B, 3, S, S] -> (raw maps [B, S, S], raw scores [B]) on the detector's device."""
         x = normalize(batch.to(self.device, non_blocking=True))
         teacher, student = self.network(x)
-        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), self.config.blur_sigma,
-                                   self.config.map_scales, self.config.feature_pool)
+        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), **self.config.map_options())
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteScoreError(f"the {self.runtime} {self.precision} network gave NaN/Inf anomaly scores for "

@@ -101,7 +101,7 @@ def write_reports(run: TestRun, detector: Detector, out: Path) -> None:
     for kind, indices in worst.items():
         for rank, i in enumerate(indices):
             record = run.records[i]
-            heat = detector.calibration.normalize(run.maps[i])
+            heat = detector.calibration.normalize_map(run.maps[i])
             name = Path(record.name).stem.replace("/", "_")
             save_png(out / "worst" / f"{kind}_{rank}_{name}.png", overlay(record.load_image(), heat))
 

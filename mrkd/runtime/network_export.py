@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,7 +150,9 @@ def compare_precision(reference: Detector, reduced: Detector, images: CheckImage
     if recalibrate:
         normal = low if images.calibration is images.check else scores([reduced], images.calibration,
                                                                         "recalibrating", show)[0]
-        report.recalibrated = Calibration.fit(normal)
+        # the heat map's mapping is kept: reduced precision moves the score threshold, not what the map shows
+        fitted = Calibration.fit(normal)
+        report.recalibrated = replace(reference.calibration, threshold=fitted.threshold, low=fitted.low)
         report.verdict_changes_recalibrated = int(np.sum(
             (fp32 > reference.calibration.threshold) != (low > report.recalibrated.threshold)))
     return report

@@ -220,11 +220,14 @@ def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimiz
 
 
 def calibrate(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor, device: torch.device) -> Calibration:
-    """The calibration fitted on the raw scores of held-out normal images."""
+    """The calibration fitted on the raw scores and heat map maxima of held-out normal images."""
     detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size)
-    scores = torch.cat([detector.raw_maps(images[i : i + cfg.batch_size])[1].cpu()
-                        for i in range(0, len(images), cfg.batch_size)])
-    return Calibration.fit(scores.numpy())
+    scores, map_maxima = [], []
+    for i in range(0, len(images), cfg.batch_size):
+        maps, batch_scores = detector.raw_maps(images[i : i + cfg.batch_size])
+        scores.append(batch_scores.cpu())
+        map_maxima.append(maps.flatten(1).amax(dim=1).cpu())
+    return Calibration.fit(torch.cat(scores).numpy(), normal_map_maxima=torch.cat(map_maxima).numpy())
 
 
 def ilm_row(cfg: TrainConfig, data_category: str) -> str | None:

@@ -78,7 +78,7 @@ def postprocess(
     return PostprocessedBatch(
         score=np.asarray(calibration.normalize(raw_scores), dtype=np.float32),
         is_anomalous=np.asarray(calibration.is_anomalous(raw_scores), dtype=bool),
-        anomaly_map=encode_map(np.asarray(calibration.normalize(raw_maps)), map_dtype),
+        anomaly_map=encode_map(np.asarray(calibration.normalize_map(raw_maps)), map_dtype),
     )
 
 
