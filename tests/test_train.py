@@ -102,7 +102,7 @@ def test_detector_is_deterministic_and_batch_invariant(trained):
     np.testing.assert_array_equal(many.scores, again.scores)
     np.testing.assert_allclose(one.scores, many.scores, rtol=1e-5, atol=1e-6)
     assert many.maps.shape == (5, 64, 64)
-    np.testing.assert_allclose(many.scores, many.maps.reshape(5, -1).max(axis=1), rtol=1e-6)
+    # (the score reads the stride-16 tap, the heat map all three: tests/test_feature_pool.py checks each)
     assert ((many.normalized_scores > 0.5) == many.is_anomalous).all()
 
 
