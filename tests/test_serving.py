@@ -93,7 +93,7 @@ def reference(detector: Detector, encoded: list[bytes]) -> Prediction:
 
 def expected_map(detector: Detector, prediction: Prediction, map_size: int, map_dtype: str) -> np.ndarray:
     resized = resize_maps(torch.from_numpy(prediction.maps), map_size).numpy()
-    return decode_map(encode_map(np.asarray(detector.calibration.normalize(resized)), map_dtype))
+    return decode_map(encode_map(np.asarray(detector.calibration.normalize_map(resized)), map_dtype))
 
 
 def image_inputs(encoded: list[bytes]) -> list:
