@@ -102,23 +102,24 @@ def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itse
     assert second.startswith("# Results\n\ntable\n") and "\nnotes\n" in second
 
 
-def test_a_run_made_with_other_map_settings_is_found_and_a_current_one_is_not(tmp_path):
+def test_a_run_made_with_other_map_settings_is_found_and_a_current_one_is_not(tmp_path, tiny_checkpoint):
     """What makes the benchmark re-score a finished run (no training) after the product's map defaults changed."""
     import shutil
 
-    from mrkd.core.config import TrainConfig
-    from mrkd.runtime.training import train
+    from mrkd.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     accuracy = load_benchmark("accuracy")
-    old, new = accuracy.Run("textures:brick", "MRKD", 5), accuracy.Run("textures:grass", "MRKD", 5)
-    tiny = dict(image_size=64, batch_size=4, max_train_images=8, save_every=0, seed=5, steps=1)
-    for run, maps in ((old, {"map_scales": (1, 2), "score_scales": (1, 2), "feature_pool": 1}), (new, {})):
+    old, new = accuracy.Run("elpv:poly", "MRKD", 5), accuracy.Run("elpv:mono", "MRKD", 5)
+    payload = load_checkpoint(tiny_checkpoint, for_inference=False)  # made with today's defaults
+    before = dict(payload, model_config=payload["model_config"] | {"map_scales": [1, 2], "score_scales": [1, 2],
+                                                                   "feature_pool": 1})
+    for run, data in ((old, before), (new, payload)):
         folder = tmp_path / run.folder
-        train(TrainConfig(data=run.dataset, out=str(folder), **tiny, **maps), show_progress=False)
-        (folder / "eval").mkdir()
+        (folder / "eval").mkdir(parents=True)
+        save_checkpoint(folder / "checkpoint.pt", data)
         (folder / "eval" / "metrics.json").write_text("{}")
     assert accuracy.stale_map_settings(new, tmp_path, []) is None
     changed = accuracy.stale_map_settings(old, tmp_path, [])
     assert changed == "feature_pool 1 -> 3, map_scales (1, 2) -> (0, 1, 2), score_scales (1, 2) -> (2,)"
-    shutil.rmtree(tmp_path / new.folder / "eval")
-    assert accuracy.stale_map_settings(new, tmp_path, []) is None  # not finished: trained as usual, not re-scored
+    shutil.rmtree(tmp_path / old.folder / "eval")
+    assert accuracy.stale_map_settings(old, tmp_path, []) is None  # not finished: trained as usual, not re-scored
