@@ -123,3 +123,23 @@ def test_a_run_made_with_other_map_settings_is_found_and_a_current_one_is_not(tm
     assert changed == "feature_pool 1 -> 3, map_scales (1, 2) -> (0, 1, 2), score_scales (1, 2) -> (2,)"
     shutil.rmtree(tmp_path / old.folder / "eval")
     assert accuracy.stale_map_settings(old, tmp_path, []) is None  # not finished: trained as usual, not re-scored
+
+
+def test_the_peer_is_the_bank_with_the_most_seeds_paired_with_mrkd():
+    """ELPV's 10% bank costs tens of CPU minutes: one 10% seed must not replace three paired 1% seeds."""
+    accuracy = load_benchmark("accuracy")
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.zeros(20), np.ones(20)]
+    results = {}
+    for variant, seeds in (("MRKD", (111, 112, 113)), ("PatchCore 1%", (111, 112, 113)), ("PatchCore 10%", (111,))):
+        for seed in seeds:
+            result = run_result(labels, labels + rng.normal(size=40))
+            result.update(image_auroc=0.5, pixel_auroc=None, aupro=None, aupro_per_image=None, n_normal=20,
+                          n_anomalous=20, train_seconds=3.0, cpu_ms_per_image=1.0, bank_size=6, bank_mb=0.1,
+                          fit_cpu_seconds=1.0, config={"target_dim": 8})
+            results[accuracy.Run("elpv:mono", variant, seed)] = result
+    lines = accuracy.patchcore_section(results, list(results), [111, 112, 113], [], 200)
+    assert any(line.startswith("| elpv:mono | PatchCore 1% | 111, 112, 113 |") for line in lines)
+    del results[accuracy.Run("elpv:mono", "PatchCore 1%", 112)], results[accuracy.Run("elpv:mono", "PatchCore 1%", 113)]
+    lines = accuracy.patchcore_section(results, list(results), [111, 112, 113], [], 200)
+    assert any(line.startswith("| elpv:mono | PatchCore 10% | 111 |") for line in lines)  # a tie: the 10% bank
