@@ -120,7 +120,7 @@ class TrainConfig:
                                               "2 = stride 16 (default 0,1,2; all three are trained)")
     score_scales: tuple[int, ...] = option(DEFAULT_SCORE_SCALES, type=int_list,
                                            help="teacher taps whose smoothed map's maximum is the image score "
-                                                "(default 2; the same as --map-scales: the max of the heat map)")
+                                                "(default 2; the --map-scales taps make it the heat map's maximum)")
     save_every: int = option(250, type=int, help="checkpoint every K steps (0: only at the end)")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     # training compute: fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)
