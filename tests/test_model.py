@@ -21,8 +21,14 @@ EXPECTED_CHANNELS = {
     "resnet18": (64, 128, 256),
     "mobilenet_v2": (24, 32, 96),
     "efficientnet_lite0": (24, 40, 112),
+    "efficientnet_lite1": (24, 40, 112),
+    "efficientnet_lite2": (24, 48, 120),
 }
-WITH_SHIPPED_WEIGHTS = ("mobilenet_v2", "efficientnet_lite0")
+WITH_SHIPPED_WEIGHTS = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Index of the last block of the stride-4, -8 and -16 stages, read off each weight file's block list (where the
+# `_project_conv` output channels last take the tap's width before the next stride).
+LITE_TAP_BLOCKS = {"efficientnet_lite0": (2, 4, 10), "efficientnet_lite1": (3, 6, 14),
+                   "efficientnet_lite2": (3, 6, 14)}
 
 
 def photos(size: int, names=("chelsea", "coffee", "astronaut", "rocket")) -> torch.Tensor:
@@ -34,7 +40,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-def test_registry_lists_the_four_backbones():
+def test_registry_lists_every_backbone():
     assert available_backbones() == sorted(EXPECTED_CHANNELS)
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'.*mobilenet_v2"):
         load_backbone("resnet9000")
@@ -216,19 +222,20 @@ def test_torchvision_weights_come_from_the_hub_cache_or_a_path(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_weights_classify_real_photos():
-    classifier = imagenet_classifier("efficientnet_lite0")
+@pytest.mark.parametrize("name", sorted(LITE_TAP_BLOCKS))
+def test_efficientnet_lite_weights_classify_real_photos(name):
+    classifier = imagenet_classifier(name)
     x = photos(224, ("chelsea", "coffee"))
     with torch.no_grad():
         top1 = classifier(x).argmax(1).tolist()
     assert 281 <= top1[0] <= 285  # tabby / tiger cat / Persian / Siamese / Egyptian cat
     assert top1[1] in (504, 967, 968)  # coffee mug / espresso / cup
     # the backbone carries exactly these weights
-    backbone = load_backbone("efficientnet_lite0")
+    backbone = load_backbone(name)
     with torch.no_grad():
         blocks = classifier.block_outputs(x)
         feats = backbone(x)
-    for feature, index in zip(feats, (2, 4, 10)):
+    for feature, index in zip(feats, LITE_TAP_BLOCKS[name]):
         torch.testing.assert_close(feature, blocks[index])
 
 

