@@ -4,6 +4,8 @@
   python benchmarks/accuracy.py --jobs 2               # two runs at a time, one torch thread each
   python benchmarks/accuracy.py --study ilm-rows --seeds 7 --markdown runs/accuracy/ilm_rows.md
   python benchmarks/accuracy.py --study patchcore --sets textures:grass --seeds 111   # PatchCore beside MRKD
+  python benchmarks/accuracy.py --study patchcore --sets elpv:mono --backbone efficientnet_lite2 \
+      --variants "MRKD,PatchCore 1%" --out runs/accuracy-lite2 --markdown runs/accuracy-lite2/results.md
 
 Every run is `python -m mrkd.train` then `python -m mrkd.evaluate` (the public commands, one torch thread each, so
 runs are reproducible and can share the machine), under runs/accuracy/<set>/<variant>/seed<N>. A run whose
@@ -22,7 +24,8 @@ Studies:
             how the ILM row of each built-in source was chosen. Run it on a seed that the main table does not
             report (the default main seeds are 111, 112, 113), never on the reported test splits.
 
-Budget: the embedded defaults of `mrkd.train` (MobileNetV2, batch 16, its default steps); ELPV at the default 256 px,
+Budget: the embedded defaults of `mrkd.train` (MobileNetV2 unless --backbone, which both methods then use; batch
+16, its default steps); ELPV at the default 256 px,
 the texture sets at their native 128 px crop size. The figures: mean and spread (min-max) over seeds; for the image
 AUROC, a paired bootstrap 95% CI of MRKD - RD4AD (test images resampled within each class, independently per seed,
 the statistic is the mean over seeds of the paired difference, 2000 resamples).
@@ -84,10 +87,11 @@ class Run:
     def is_patchcore(self) -> bool:
         return self.variant in PATCHCORE
 
-    def patchcore_command(self, root: Path) -> list[str]:
-        """benchmarks/patchcore.py's arguments: no training, its reports go straight to <run>/eval."""
+    def patchcore_command(self, root: Path, extra: list[str] = ()) -> list[str]:
+        """benchmarks/patchcore.py's arguments: no training, its reports go straight to <run>/eval. `extra`: the
+        options both methods take (--backbone)."""
         return ["--data", self.dataset, "--seed", str(self.seed), *VARIANTS[self.variant],
-                *SET_ARGS.get(self.dataset.split(":")[0], []), "--threads", "1",
+                *SET_ARGS.get(self.dataset.split(":")[0], []), *extra, "--threads", "1",
                 "--out", str(root / self.folder / "eval")]
 
     def commands(self, root: Path, extra: list[str] = ()) -> tuple[list[str], list[str]]:
@@ -120,16 +124,19 @@ def stale_map_settings(run: Run, root: Path, extra: list[str]) -> str | None:
 
     wanted = parse_args(run.commands(root, extra)[0])[0].model_config()
     saved = ModelConfig.from_dict(load_checkpoint(folder / "checkpoint.pt")["model_config"])
+    if saved.backbone != wanted.backbone:
+        raise SystemExit(f"{folder} was trained with the {saved.backbone} teacher, not {wanted.backbone}: give each "
+                         f"teacher its own --out")
     changed = [f"{k} {getattr(saved, k)} -> {getattr(wanted, k)}" for k in MAP_SETTINGS
                if getattr(saved, k) != getattr(wanted, k)]
     return ", ".join(changed) or None
 
 
-def execute(run: Run, root: Path, extra: list[str]) -> dict:
+def execute(run: Run, root: Path, extra: list[str], shared: list[str] = ()) -> dict:
     """Trains and evaluates unless already done (re-scores a run made with other map settings); returns the metrics
-    (+ train seconds when known)."""
+    (+ train seconds when known). `extra`: mrkd.train's further options; `shared`: those PatchCore takes too."""
     if run.is_patchcore:
-        return execute_patchcore(run, root)
+        return execute_patchcore(run, root, shared)
     train_args, eval_args = run.commands(root, extra)
     folder = Path(eval_args[-1]).parent
     metrics_file = folder / "eval" / "metrics.json"
@@ -160,14 +167,14 @@ def execute(run: Run, root: Path, extra: list[str]) -> dict:
     return metrics
 
 
-def execute_patchcore(run: Run, root: Path) -> dict:
+def execute_patchcore(run: Run, root: Path, shared: list[str] = ()) -> dict:
     """Fits and scores unless already done; "train_seconds" is the fit's CPU time (feature extraction + coreset)."""
     folder = root / run.folder
     metrics_file = folder / "eval" / "metrics.json"
     if not metrics_file.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with (folder / "log.txt").open("a") as log:
-            command = [sys.executable, str(ROOT / "benchmarks" / "patchcore.py"), *run.patchcore_command(root)]
+            command = [sys.executable, str(ROOT / "benchmarks" / "patchcore.py"), *run.patchcore_command(root, shared)]
             subprocess.run(command, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         print(f"done {run.dataset} {run.variant} seed {run.seed}", flush=True)
     metrics = json.loads(metrics_file.read_text())
@@ -365,11 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="only these of the study's variants, comma-separated (e.g. \"MRKD,PatchCore 1%%\": ELPV's 10%% "
                         "coreset costs tens of CPU minutes per run)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: mrkd.train's); quick checks")
+    p.add_argument("--backbone", default=None,
+                   help="teacher of both methods (default: mrkd.train's); give each teacher its own --out")
     p.add_argument("--report", action="store_true",
                    help="train nothing: write the markdown from the runs already done (the seeds column says how many)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    extra = ["--steps", str(args.steps)] if args.steps else []
+    shared = ["--backbone", args.backbone] if args.backbone else []
+    extra = (["--steps", str(args.steps)] if args.steps else []) + shared
     runs = plan(args.study, seeds, args.sets.split(","))
     if args.variants:
         wanted = set(args.variants.split(","))
@@ -390,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{len(runs)} runs ({to_do} to do), {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = dict(zip(runs, pool.map(lambda r: execute(r, root, extra), runs)))
+        results = dict(zip(runs, pool.map(lambda r: execute(r, root, extra, shared), runs)))
     if args.study == "patchcore":
         write_section(patchcore_section(results, runs, seeds, argv or sys.argv[1:]), Path(args.markdown))
     else:

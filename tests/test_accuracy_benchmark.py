@@ -125,6 +125,28 @@ def test_a_run_made_with_other_map_settings_is_found_and_a_current_one_is_not(tm
     assert accuracy.stale_map_settings(old, tmp_path, []) is None  # not finished: trained as usual, not re-scored
 
 
+def test_both_methods_get_the_teacher_and_a_run_of_another_teacher_is_refused(tmp_path, tiny_checkpoint):
+    """--backbone goes to mrkd.train and to PatchCore alike; a finished run of another teacher in the same --out is
+    an error, not a row of the wrong teacher."""
+    from mrkd.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    accuracy = load_benchmark("accuracy")
+    run, peer = accuracy.Run("elpv:mono", "MRKD", 5), accuracy.Run("elpv:mono", "PatchCore 1%", 5)
+    shared = ["--backbone", "efficientnet_lite2"]
+    train, _ = run.commands(tmp_path, ["--steps", "3", *shared])
+    assert train[train.index("--backbone") + 1] == "efficientnet_lite2"
+    command = peer.patchcore_command(tmp_path, shared)
+    assert command[command.index("--backbone") + 1] == "efficientnet_lite2" and "--steps" not in command
+    payload = load_checkpoint(tiny_checkpoint, for_inference=False)
+    assert payload["model_config"]["backbone"] != "efficientnet_lite2"
+    folder = tmp_path / run.folder
+    (folder / "eval").mkdir(parents=True)
+    save_checkpoint(folder / "checkpoint.pt", payload)
+    (folder / "eval" / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="trained with the .* teacher, not efficientnet_lite2: give each teacher"):
+        accuracy.stale_map_settings(run, tmp_path, shared)
+
+
 def test_the_peer_is_the_bank_with_the_most_seeds_paired_with_mrkd():
     """ELPV's 10% bank costs tens of CPU minutes: one 10% seed must not replace three paired 1% seeds."""
     accuracy = load_benchmark("accuracy")
