@@ -4,8 +4,8 @@
   python benchmarks/accuracy.py --jobs 2               # two runs at a time, one torch thread each
   python benchmarks/accuracy.py --study ilm-rows --seeds 7 --markdown runs/accuracy/ilm_rows.md
   python benchmarks/accuracy.py --study patchcore --sets textures:grass --seeds 111   # PatchCore beside MRKD
-  python benchmarks/accuracy.py --study patchcore --sets elpv:mono --backbone efficientnet_lite2 \
-      --variants "MRKD,PatchCore 1%" --out runs/accuracy-lite2 --markdown runs/accuracy-lite2/results.md
+  python benchmarks/accuracy.py --study patchcore --sets elpv:mono --preset quality \
+      --variants "MRKD,PatchCore 1%" --out runs/accuracy-quality --markdown runs/accuracy-quality/results.md
 
 Every run is `python -m mrkd.train` then `python -m mrkd.evaluate` (the public commands, one torch thread each, so
 runs are reproducible and can share the machine), under runs/accuracy/<set>/<variant>/seed<N>. A run whose
@@ -24,8 +24,8 @@ Studies:
             how the ILM row of each built-in source was chosen. Run it on a seed that the main table does not
             report (the default main seeds are 111, 112, 113), never on the reported test splits.
 
-Budget: the embedded defaults of `mrkd.train` (MobileNetV2 unless --backbone, which both methods then use; batch
-16, its default steps); ELPV at the default 256 px,
+Budget: the embedded defaults of `mrkd.train` (MobileNetV2 unless --backbone or --preset, whose teacher both
+methods then use; batch 16, its default steps); ELPV at the default 256 px,
 the texture sets at their native 128 px crop size. The figures: mean and spread (min-max) over seeds; for the image
 AUROC, a paired bootstrap 95% CI of MRKD - RD4AD (test images resampled within each class, independently per seed,
 the statistic is the mean over seeds of the paired difference, 2000 resamples).
@@ -374,12 +374,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: mrkd.train's); quick checks")
     p.add_argument("--backbone", default=None,
                    help="teacher of both methods (default: mrkd.train's); give each teacher its own --out")
+    p.add_argument("--preset", default=None,
+                   help="mrkd.train's --preset for MRKD (PatchCore gets its teacher); give it its own --out")
     p.add_argument("--report", action="store_true",
                    help="train nothing: write the markdown from the runs already done (the seeds column says how many)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    shared = ["--backbone", args.backbone] if args.backbone else []
-    extra = (["--steps", str(args.steps)] if args.steps else []) + shared
+    from mrkd.core.config import PRESETS
+
+    if args.preset is not None and args.preset not in PRESETS:
+        p.error(f"--preset: {args.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+    backbone = args.backbone or (PRESETS[args.preset].get("backbone") if args.preset else None)
+    shared = ["--backbone", backbone] if backbone else []
+    extra = ((["--steps", str(args.steps)] if args.steps else []) + (["--preset", args.preset] if args.preset else [])
+             + (["--backbone", args.backbone] if args.backbone else []))
     runs = plan(args.study, seeds, args.sets.split(","))
     if args.variants:
         wanted = set(args.variants.split(","))

@@ -6,6 +6,7 @@ Examples:
   python -m mrkd.train --data /data/parts/widget --ilm-category tile --steps 3000 --out runs/widget
   python -m mrkd.train --data textures:brick --ilm off --flm off --out runs/brick-rd4ad     # RD4AD baseline
   python -m mrkd.train --data elpv:mono --out runs/elpv-mono --steps 2000 --resume        # continue a run
+  python -m mrkd.train --data elpv:mono --preset quality --out runs/elpv-mono-quality     # Lite0 teacher, all taps
   torchrun --nproc-per-node 2 -m mrkd.train --data /data/mvtec --category screw --out runs/screw   # DDP
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.config import TrainConfig
+from .core.config import PRESETS, TrainConfig
 from .core.options import add_options, from_args, option, run_command
 from .runtime.training import train
 
@@ -32,6 +33,10 @@ class TrainCommand:
     """Options of the command that are not part of the run's config."""
 
     threads: int | None = option(None, type=int, help="CPU threads for torch (default: torch's choice)")
+    preset: str = option("default", choices=sorted(PRESETS),
+                         help="a named set of defaults: quality = " + ", ".join(
+                             f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                             for k, v in PRESETS["quality"].items()) + " (explicit options still win)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
@@ -39,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
     p = argparse.ArgumentParser(prog="python -m mrkd.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, TrainConfig, TrainCommand)
+    known, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS.get(known.preset, {}))  # under the options given explicitly
     a = p.parse_args(argv)
     return from_args(TrainConfig, a), a.threads
 

@@ -88,6 +88,26 @@ def test_resuming_a_finished_run_with_new_map_settings_recalibrates_and_keeps_ev
 
 
 @pytest.mark.slow  # trains a model
+def test_the_quality_preset_trains_the_lite0_teacher_scored_on_every_tap_and_explicit_options_win(tmp_path):
+    from mrkd.train import parse_args
+
+    default = parse_args([])[0].model_config()
+    assert (default.backbone, default.score_scales) == ("mobilenet_v2", (2,))
+    mixed = parse_args(["--preset", "quality", "--score-scales", "2", "--steps", "7"])[0]
+    assert (mixed.backbone, tuple(mixed.score_scales), mixed.steps) == ("efficientnet_lite0", (2,), 7)
+    out = tmp_path / "quality"
+    assert train_main(["--preset", "quality", "--data", "textures:brick", "--image-size", "64", "--batch-size", "4",
+                       "--max-train-images", "8", "--steps", "2", "--save-every", "0", "--out", str(out)]) == 0
+    saved = load_checkpoint(out / "checkpoint.pt")
+    config = saved["model_config"]
+    assert config["backbone"] == "efficientnet_lite0" and tuple(config["score_scales"]) == (0, 1, 2)
+    assert tuple(saved["state_dict"]["teacher.trunk._conv_stem.weight"].shape) == (32, 3, 3, 3)
+    detector = Detector.load(out / "checkpoint.pt")
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    maps, scores = detector.raw_maps(images)
+    torch.testing.assert_close(scores, maps.flatten(1).amax(1))  # scored on the heat map's taps: its maximum
+
+
 def test_rd4ad_mode_has_no_generation_blocks(tmp_path):
     data = load_checkpoint(train(tiny(tmp_path, steps=2, ilm=False, flm=False), show_progress=False))
     assert not any(k.startswith("generation.") for k in data["state_dict"])

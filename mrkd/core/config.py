@@ -27,6 +27,13 @@ MAP_SETTINGS = ("sigma", "feature_pool", "map_scales", "score_scales")
 # Optimizer steps of the embedded default (elpv:mono, MobileNetV2, 256 px): about 10 minutes of 2 CPU cores of the
 # slower kind (fp32); more steps did not help on the dropped seed (docs/results.md, issue 18).
 DEFAULT_STEPS = 600
+# Named sets of training defaults (`mrkd.train --preset NAME`); an option given explicitly still wins. "quality":
+# the EfficientNet-Lite0 teacher, scored on all three taps; chosen on ELPV mono's dropped seed, where it beat every
+# MobileNetV2 setting (docs/results.md, issue 18); it trains about 1.3x longer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quality": {"backbone": "efficientnet_lite0", "score_scales": [0, 1, 2]},
+}
 
 
 @dataclass
