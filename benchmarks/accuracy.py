@@ -281,12 +281,12 @@ def write_markdown(results: dict[Run, dict], runs: list[Run], seeds: list[int], 
 
 
 def patchcore_section(results: dict[Run, dict], runs: list[Run], seeds: list[int], argv: list[str],
-                      resamples: int = BOOTSTRAP_RESAMPLES) -> list[str]:
+                      resamples: int = BOOTSTRAP_RESAMPLES, teacher: str = "mobilenet_v2") -> list[str]:
     """The PatchCore rows beside MRKD's (where MRKD runs exist on this machine) and MRKD - PatchCore 10%, paired."""
     command = "python benchmarks/accuracy.py" + ("" if not argv else " " + shlex.join(argv))
     lines = [
         PATCHCORE_SECTION[0],
-        f"Produced by `{command}`. PatchCore: benchmarks/patchcore.py on the same MobileNetV2 teacher, splits, "
+        f"Produced by `{command}`. PatchCore: benchmarks/patchcore.py on MRKD's teacher ({teacher}), the same splits, "
         "seeds, image sizes and metrics code; each cell the mean over the seeds in the seeds column (lowest-highest "
         "in brackets). CPU ms/image: time.process_time of inference at one thread (features, faiss search, map); "
         "fit CPU s: feature extraction + greedy coreset. MRKD rows here are only the runs present on this machine.",
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing: write the markdown from the runs already done (the seeds column says how many)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    from mrkd.core.config import PRESETS
+    from mrkd.core.config import DEFAULT_BACKBONE, PRESETS
 
     if args.preset is not None and args.preset not in PRESETS:
         p.error(f"--preset: {args.preset!r} is not one of {', '.join(sorted(PRESETS))}")
@@ -410,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = dict(zip(runs, pool.map(lambda r: execute(r, root, extra, shared), runs)))
     if args.study == "patchcore":
-        write_section(patchcore_section(results, runs, seeds, argv or sys.argv[1:]), Path(args.markdown))
+        teacher = backbone or DEFAULT_BACKBONE
+        write_section(patchcore_section(results, runs, seeds, argv or sys.argv[1:], teacher=teacher),
+                      Path(args.markdown))
     else:
         write_markdown(results, runs, seeds, Path(args.markdown), args.study, root, extra, argv or sys.argv[1:])
     for run in runs:

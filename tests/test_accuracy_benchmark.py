@@ -91,6 +91,9 @@ def test_the_patchcore_section_pairs_mrkd_where_it_exists_and_replaces_only_itse
     first = out.read_text()
     assert first.startswith("# Results\n\ntable\n") and "\nnotes\n" in first
     assert "| textures:grass | PatchCore 10% | 1 |" in first and "600 x 1024 (2 MB)" in first
+    assert "on MRKD's teacher (mobilenet_v2)" in first
+    named = accuracy.patchcore_section(results, runs, [111], [], 200, teacher="efficientnet_lite0")
+    assert "on MRKD's teacher (efficientnet_lite0)" in named[1]
     grass = next(line for line in first.splitlines() if line.startswith("| textures:grass | PatchCore 10% | 111 |"))
     assert "MRKD better" in grass and grass.endswith("| +0.100 |")
     poly = next(line for line in first.splitlines() if line.startswith("| elpv:poly | PatchCore 1% | 111 |"))
