@@ -380,14 +380,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="train nothing: write the markdown from the runs already done (the seeds column says how many)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    from mrkd.core.config import DEFAULT_BACKBONE, PRESETS
-
-    if args.preset is not None and args.preset not in PRESETS:
-        p.error(f"--preset: {args.preset!r} is not one of {', '.join(sorted(PRESETS))}")
-    backbone = args.backbone or (PRESETS[args.preset].get("backbone") if args.preset else None)
-    shared = ["--backbone", backbone] if backbone else []
     extra = ((["--steps", str(args.steps)] if args.steps else []) + (["--preset", args.preset] if args.preset else [])
              + (["--backbone", args.backbone] if args.backbone else []))
+    from mrkd.train import parse_args as train_config
+
+    teacher = train_config(extra)[0].backbone  # what mrkd.train uses: the option's, the preset's or its default
+    shared = ["--backbone", teacher]
     runs = plan(args.study, seeds, args.sets.split(","))
     if args.variants:
         wanted = set(args.variants.split(","))
@@ -410,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = dict(zip(runs, pool.map(lambda r: execute(r, root, extra, shared), runs)))
     if args.study == "patchcore":
-        teacher = backbone or DEFAULT_BACKBONE
         write_section(patchcore_section(results, runs, seeds, argv or sys.argv[1:], teacher=teacher),
                       Path(args.markdown))
     else:

@@ -51,15 +51,16 @@ class StudentSpec:
     ocbe_blocks: int = 3
 
 
+# the student of the slim mobile teachers (24-120 channels), also used for any backbone not listed
+_SLIM_SPEC = StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2)
 STUDENT_SPECS: dict[str, StudentSpec] = {
     "wide_resnet50_2": StudentSpec("bottleneck", (3, 4, 6), width_ratio=0.5, ocbe_blocks=3),
     "resnet18": StudentSpec("basic", (2, 2, 2), ocbe_blocks=2),
-    "mobilenet_v2": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
-    "efficientnet_lite0": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
-    "efficientnet_lite1": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
-    "efficientnet_lite2": StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2),
+    "mobilenet_v2": _SLIM_SPEC,
+    "efficientnet_lite0": _SLIM_SPEC,
+    "efficientnet_lite1": _SLIM_SPEC,
+    "efficientnet_lite2": _SLIM_SPEC,
 }
-_DEFAULT_SPEC = StudentSpec("bottleneck", (2, 2, 2), width_ratio=1.0, min_width=64, ocbe_blocks=2)
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -205,7 +206,7 @@ class MRKDModel(nn.Module):
         self.backbone_name = backbone
         self.teacher: Backbone = teacher if teacher is not None else create_backbone(backbone)
         channels = self.teacher.channels
-        spec = STUDENT_SPECS.get(backbone, _DEFAULT_SPEC)
+        spec = STUDENT_SPECS.get(backbone, _SLIM_SPEC)
         self.bottleneck = OneClassBottleneck(channels, spec)
         self.student = StudentDecoder(self.bottleneck.out_channels, channels, spec,
                                       signed_outputs=self.teacher.signed_taps)
