@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, TrainConfig, TrainCommand)
     known, _ = p.parse_known_args(argv)
-    p.set_defaults(**PRESETS.get(known.preset, {}))  # under the options given explicitly
+    p.set_defaults(**PRESETS[known.preset])  # under the options given explicitly
     a = p.parse_args(argv)
     return from_args(TrainConfig, a), a.threads
 

@@ -87,7 +87,7 @@ def test_resuming_a_finished_run_with_new_map_settings_recalibrates_and_keeps_ev
     assert more["step"] == 5 and bn and not all(torch.equal(old["state_dict"][k], more["state_dict"][k]) for k in bn)
 
 
-@pytest.mark.slow  # trains a model
+@pytest.mark.slow  # trains a model with the Lite0 teacher
 def test_the_quality_preset_trains_the_lite0_teacher_scored_on_every_tap_and_explicit_options_win(tmp_path):
     from mrkd.train import parse_args
 
@@ -108,6 +108,7 @@ def test_the_quality_preset_trains_the_lite0_teacher_scored_on_every_tap_and_exp
     torch.testing.assert_close(scores, maps.flatten(1).amax(1))  # scored on the heat map's taps: its maximum
 
 
+@pytest.mark.slow  # trains a model
 def test_rd4ad_mode_has_no_generation_blocks(tmp_path):
     data = load_checkpoint(train(tiny(tmp_path, steps=2, ilm=False, flm=False), show_progress=False))
     assert not any(k.startswith("generation.") for k in data["state_dict"])
