@@ -36,7 +36,9 @@ class TrainCommand:
     preset: str = option("default", choices=sorted(PRESETS),
                          help="a named set of defaults: quality = " + ", ".join(
                              f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                             for k, v in PRESETS["quality"].items()) + " (explicit options still win)")
+                             for k, v in PRESETS["quality"].items())
+                         + ", for uniform surfaces; granular ones (poly cells, grass, gravel) score better with the "
+                         "default (explicit options still win)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, int | None]:
