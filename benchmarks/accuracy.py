@@ -11,7 +11,8 @@ Every run is `python -m mrkd.train` then `python -m mrkd.evaluate` (the public c
 runs are reproducible and can share the machine), under runs/accuracy/<set>/<variant>/seed<N>. A run whose
 eval/metrics.json exists is reused, and training resumes from its checkpoint, so an interrupted benchmark continues
 where it stopped. A finished run whose checkpoint reads its map with other settings than the command would now (the
-product's map defaults changed since) is re-scored without training: `mrkd.train --resume` recalibrates it under the
+product's map defaults changed since, or its score reference is on where the command has it off, or off where on) is
+re-scored without training: `mrkd.train --resume` recalibrates it under the
 new settings (the weights stay bit for bit) and `mrkd.evaluate` runs again.
 
 Studies:
@@ -122,13 +123,19 @@ def stale_map_settings(run: Run, root: Path, extra: list[str]) -> str | None:
     from mrkd.runtime.checkpoint import load_checkpoint
     from mrkd.train import parse_args
 
-    wanted = parse_args(run.commands(root, extra)[0])[0].model_config()
-    saved = ModelConfig.from_dict(load_checkpoint(folder / "checkpoint.pt")["model_config"])
+    wanted_run = parse_args(run.commands(root, extra)[0])[0]
+    wanted = wanted_run.model_config()
+    payload = load_checkpoint(folder / "checkpoint.pt")
+    saved = ModelConfig.from_dict(payload["model_config"])
     if saved.backbone != wanted.backbone:
         raise SystemExit(f"{folder} was trained with the {saved.backbone} teacher, not {wanted.backbone}: give each "
                          f"teacher its own --out")
     changed = [f"{k} {getattr(saved, k)} -> {getattr(wanted, k)}" for k in MAP_SETTINGS
                if getattr(saved, k) != getattr(wanted, k)]
+    has_reference = payload.get("score_reference") is not None
+    if has_reference != wanted_run.score_reference:
+        changed.append(f"score_reference {'on' if has_reference else 'off'} -> "
+                       f"{'on' if wanted_run.score_reference else 'off'}")
     return ", ".join(changed) or None
 
 

@@ -13,7 +13,10 @@ neighbourhood aggregation), a Gaussian sigma in pixels at the model's image size
 scaled with the size) and k, the number of map pixels averaged for the image score (k = 1 is the product's max).
 A variant's pixel AUROC and AU-PRO are what the heat map gives with those scales (the model's --map-scales; the
 product: 0+1+2), its top-k image AUROC what the image score gives with them (--score-scales; the product: 2): the two
-are chosen separately. Use a checkpoint of a seed the reported tables do not use (e.g. 7): choosing a variant on a
+are chosen separately. With a score reference (the product's default: `--reference-images`, see
+mrkd/runtime/reference.py) each variant is also scored the product's way, the max of its map standardised per pixel
+by the mean and spread of its maps on the same training images the product picks ("std" in the output). Use a
+checkpoint of a seed the reported tables do not use (e.g. 7): choosing a variant on a
 reported test split would tune on it.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from mrkd.runtime.checkpoint import load_checkpoint  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
 from mrkd.runtime.evaluation import resized_masks  # noqa: E402
 from mrkd.runtime.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
+from mrkd.runtime.reference import REFERENCE_IMAGES, ScoreReference, reference_indices  # noqa: E402
 
 DEFAULT_KS = "1,10,100,1000"
 
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas in pixels (default: the model's)")
     p.add_argument("--pools", default=None, help="comma-separated neighbourhood sizes averaged before the distance "
                    "(default: the model's; 1: none; 3: PatchCore's local aggregation)")
+    p.add_argument("--reference-images", type=int, default=None,
+                   help=f"training images each variant's score reference is fitted on (default: "
+                        f"{REFERENCE_IMAGES} if the checkpoint holds a reference, as the product does; 0: none)")
     p.add_argument("--out", default=None, help="write the results to this JSON file")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -97,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     has_masks = any(r.load_mask is not None for r in test)
     masks = resized_masks(test, size) if has_masks else None
     teachers, students = test_features(detector, test)
+    n_reference = a.reference_images
+    if n_reference is None:
+        n_reference = REFERENCE_IMAGES if detector.score_reference is not None else 0
+    normal = []
+    if n_reference:
+        train = open_dataset(a.data, seed=seed).train
+        normal = [train[int(i)] for i in reference_indices(len(train), seed, n_reference)]
+    normal_features = test_features(detector, normal) if normal else None
     sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else [detector.config.blur_sigma]
     results = []
     pools = [int(v) for v in a.pools.split(",")] if a.pools else [detector.config.feature_pool]
@@ -108,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         if has_masks:
             row.update(pixel_auroc=pixel_auroc(masks, maps), aupro=aupro(masks, maps))
         row.update({f"top{k}": image_auroc(labels, top_k_mean(maps, int(k))) for k in a.ks.split(",")})
+        if normal_features is not None:
+            reference = ScoreReference.fit(torch.from_numpy(variant_maps(*normal_features, scales, size, sigma, pool)))
+            standardised = (maps - reference.mean.numpy()) / reference.scale.numpy()
+            row["std"] = image_auroc(labels, top_k_mean(standardised, 1))
         results.append(row)
         print(f"{a.data} seed {seed} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in row.items()), flush=True)

@@ -6,6 +6,11 @@
 Non-finite features: a NaN or an infinity anywhere in an image's teacher or student features makes that image's
 score NaN (in both implementations), even where the bilinear step never reads the bad pixel; the map holds NaN
 wherever the bad value reaches. A NaN score is never "normal": see `runtime.calibration.Calibration.is_anomalous`.
+
+A score reference (mean, scale), two [H, W] maps fitted on normal images (runtime.reference), makes the image score
+the maximum of the standardised score map, (map - mean) / scale, instead of its raw maximum: a pixel that is hot on
+every normal part (a solar cell's busbar, an edge) no longer sets the score. A plain-PyTorch step after the operator,
+the same in both implementations.
 """
 from __future__ import annotations
 
@@ -215,6 +220,21 @@ def _score_from(score_taps: tuple[torch.Tensor, torch.Tensor] | None,
     return maps, score_taps[1].masked_fill(torch.isnan(map_scores), float("nan"))
 
 
+def _standardize_score(result: tuple[torch.Tensor, torch.Tensor],
+                       reference: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`result`'s maps with the score max((map - mean) / scale) of `reference`; a NaN score stays NaN (a bad feature
+    value the map does not read)."""
+    if reference is None:
+        return result
+    maps, scores = result
+    mean, scale = reference
+    if tuple(mean.shape) != tuple(maps.shape[-2:]) or tuple(scale.shape) != tuple(maps.shape[-2:]):
+        raise ValueError(f"the score reference is {list(mean.shape)} / {list(scale.shape)} but the maps are "
+                         f"{list(maps.shape[-2:])}: it was fitted at another image size")
+    standardized = (maps[:, 0] - mean.to(maps.device, torch.float32)) / scale.to(maps.device, torch.float32)
+    return maps, standardized.flatten(1).amax(dim=1).masked_fill(torch.isnan(scores), float("nan"))
+
+
 def _splits(scales: Sequence[int] | None, score_scales: Sequence[int] | None) -> bool:
     """Whether the score reads other taps than the map (a second pass over the features)."""
     if score_scales is None:
@@ -231,19 +251,22 @@ def anomaly_map_reference(
     scales: Sequence[int] | None = None,
     pool: int = 1,
     score_scales: Sequence[int] | None = None,
+    score_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
     non-finite feature value). See `anomaly_map` for the arguments."""
     score = None
     if _splits(scales, score_scales):
-        score = anomaly_map_reference(teacher, student, out_size, sigma, score_scales, pool)
+        score = anomaly_map_reference(teacher, student, out_size, sigma, score_scales, pool,
+                                      score_reference=score_reference)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     size = _validate(teacher, student, out_size, sigma)
     summed, invalid = _distances(teacher, student, size)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
     scores = maps.flatten(1).amax(dim=1)
-    return _score_from(score, _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out))
+    result = _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out)
+    return _score_from(score, result if score is not None else _standardize_score(result, score_reference))
 
 
 @torch.no_grad()
@@ -255,6 +278,7 @@ def anomaly_map(
     scales: Sequence[int] | None = None,
     pool: int = 1,
     score_scales: Sequence[int] | None = None,
+    score_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused anomaly map: (maps [B, 1, H, W] float32, scores [B] float32, the max of each smoothed map).
 
@@ -264,12 +288,13 @@ def anomaly_map(
     over scales, Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect" border; sigma 0 = none), max.
     `score_scales` (default: `scales`) lets the image score read other taps than the heat map: the score is then
     the max of the smoothed map of those taps (a second call of the operator), the maps stay those of `scales`.
-    An image with a NaN or infinite feature value anywhere gets a NaN score.
+    `score_reference` (mean, scale), [H, W] each: the score is the max of (score map - mean) / scale instead (see
+    the module's docstring). An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
     score = None
     if _splits(scales, score_scales):
-        score = anomaly_map(teacher, student, out_size, sigma, score_scales, pool)
+        score = anomaly_map(teacher, student, out_size, sigma, score_scales, pool, score_reference=score_reference)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     height, width = _validate(teacher, student, out_size, sigma)
@@ -282,7 +307,8 @@ def anomaly_map(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return _score_from(score, _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma),
-                                                 left_out))
-    return _score_from(score, _flag_left_out(
-        torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma)), left_out))
+        result = _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma), left_out)
+    else:
+        result = _flag_left_out(torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width],
+                                                           float(sigma)), left_out)
+    return _score_from(score, result if score is not None else _standardize_score(result, score_reference))

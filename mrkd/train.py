@@ -7,6 +7,7 @@ Examples:
   python -m mrkd.train --data textures:brick --ilm off --flm off --out runs/brick-rd4ad     # RD4AD baseline
   python -m mrkd.train --data elpv:mono --out runs/elpv-mono --steps 2000 --resume        # continue a run
   python -m mrkd.train --data elpv:mono --preset quality --out runs/elpv-mono-quality     # Lite0 teacher, all taps
+  python -m mrkd.train --data elpv:mono --out runs/elpv-mono --score-reference off --resume  # raw max, no training
   torchrun --nproc-per-node 2 -m mrkd.train --data /data/mvtec --category screw --out runs/screw   # DDP
 """
 from __future__ import annotations

@@ -124,6 +124,9 @@ def test_a_run_made_with_other_map_settings_is_found_and_a_current_one_is_not(tm
     assert accuracy.stale_map_settings(new, tmp_path, []) is None
     changed = accuracy.stale_map_settings(old, tmp_path, [])
     assert changed == "feature_pool 1 -> 3, map_scales (1, 2) -> (0, 1, 2), score_scales (1, 2) -> (2,)"
+    save_checkpoint(tmp_path / new.folder / "checkpoint.pt", dict(payload, score_reference=None))
+    assert accuracy.stale_map_settings(new, tmp_path, []) == "score_reference off -> on"
+    assert accuracy.stale_map_settings(new, tmp_path, ["--score-reference", "off"]) is None
     shutil.rmtree(tmp_path / old.folder / "eval")
     assert accuracy.stale_map_settings(old, tmp_path, []) is None  # not finished: trained as usual, not re-scored
 

@@ -97,7 +97,8 @@ def test_top_level_is_commands_and_public_api():
 MODULES = {
     "core": {"config", "errors", "files", "images", "options", "preprocess", "wire"},
     "runtime": {"calibration", "checkpoint", "convert", "detector", "errors", "evaluation", "metrics",
-                "network_export", "network_runtime", "runners", "training", "visualize", "weights"},
+                "network_export", "network_runtime", "reference", "runners", "training", "visualize",
+                "weights"},
     "triton": {"configs", "errors", "launcher", "models", "publish", "repository"},
 }
 

@@ -22,12 +22,13 @@ from .calibration import Calibration
 from .checkpoint import load_checkpoint
 from .convert import file_sha256, load_runner
 from .errors import NonFiniteScoreError
+from .reference import ScoreReference
 from .runners import NetworkRunner, TorchRunner, resolve_precision
 
 
 @dataclass
 class Prediction:
-    scores: np.ndarray  # [B] float32, raw: the max of the smoothed map
+    scores: np.ndarray  # [B] float32, raw: the max of the smoothed score map (standardised by the score reference)
     maps: np.ndarray  # [B, S, S] float32, raw, at the model's image size
     normalized_scores: np.ndarray  # [B] float32 in [0, 1], 0.5 = threshold
     is_anomalous: np.ndarray  # [B] bool
@@ -47,11 +48,19 @@ class Detector:
         device: str | torch.device = "cpu",
         batch_size: int = 16,
         network: NetworkRunner | None = None,
+        score_reference: ScoreReference | None = None,
     ) -> None:
-        """`network`: the runner of `model` to use (default: torch at the device's default precision)."""
+        """`network`: the runner of `model` to use (default: torch at the device's default precision);
+        `score_reference`: the per-pixel normal statistics the score is standardised by (None: the raw maximum)."""
         self.device = torch.device(device)
         self.config = config
         self.calibration = calibration
+        self.score_reference = score_reference
+        if score_reference is not None and tuple(score_reference.mean.shape) != (config.image_size,) * 2:
+            raise ValueError(f"the score reference is {list(score_reference.mean.shape)} but the model's image size "
+                             f"is {config.image_size}")
+        self._reference = None if score_reference is None else tuple(
+            t.to(self.device) for t in score_reference.as_tuple())
         self.batch_size = batch_size
         self.network = network or TorchRunner(model, self.device, resolve_precision("auto", self.device))
 
@@ -76,7 +85,8 @@ class Detector:
         model = MRKDModel.from_config(config)
         model.load_state_dict(data["state_dict"])
         network = load_runner(model, config, runtime, precision, device, threads, network_dir, checkpoint_sha256)
-        return cls(model, config, Calibration.from_dict(data["calibration"]), device, batch_size, network)
+        return cls(model, config, Calibration.from_dict(data["calibration"]), device, batch_size, network,
+                   ScoreReference.from_payload(data))
 
     @property
     def runtime(self) -> str:
@@ -108,12 +118,24 @@ class Detector:
         """uint8 [B, 3, S, S] -> (raw maps [B, S, S], raw scores [B]) on the detector's device."""
         x = normalize(batch.to(self.device, non_blocking=True))
         teacher, student = self.network(x)
-        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), **self.config.map_options())
+        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), **self.config.map_options(),
+                                   score_reference=self._reference)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteScoreError(f"the {self.runtime} {self.precision} network gave NaN/Inf anomaly scores for "
                                       f"batch items {bad}; the model or its conversion is broken")
         return maps[:, 0], scores
+
+    @torch.inference_mode()
+    def score_maps(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> the raw smoothed maps of the score's taps [B, S, S] (what a score reference is
+        fitted on)."""
+        x = normalize(batch.to(self.device, non_blocking=True))
+        teacher, student = self.network(x)
+        options = self.config.map_options()
+        maps, _ = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), options["sigma"],
+                              options["score_scales"], options["pool"])
+        return maps[:, 0]
 
     def predict_prepared(self, batch: torch.Tensor) -> Prediction:
         maps, scores = self.raw_maps(batch)

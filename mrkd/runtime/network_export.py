@@ -30,6 +30,7 @@ from .convert import MANIFEST_FILE, NetworkManifest, convert, file_sha256, load_
 from .detector import Detector
 from .errors import NetworkRuntimeError
 from .metrics import image_auroc
+from .reference import ScoreReference
 from .runners import check_choice
 
 MAX_VERDICT_CHANGE = 0.005  # largest fraction of images whose verdict may change from fp32 to bf16
@@ -215,11 +216,13 @@ def prepare_network(checkpoint: Path, data: dict, runtime: str, precision: str, 
                                checkpoint_sha256=file_sha256(checkpoint), threads=threads)
         report = None
         if gated:
-            reference = Detector(_model(data, config), config, calibration, "cpu")
+            score_reference = ScoreReference.from_payload(data)
+            reference = Detector(_model(data, config), config, calibration, "cpu", score_reference=score_reference)
             reduced_model = _model(data, config)
             runner = load_runner(reduced_model, config, runtime, precision, "cpu", threads,
                                  folder if runtime != "torch" else None)
-            reduced = Detector(reduced_model, config, calibration, "cpu", network=runner)
+            reduced = Detector(reduced_model, config, calibration, "cpu", network=runner,
+                               score_reference=score_reference)
             report = compare_precision(reference, reduced, check_images(data.get("train_config"), calibration_images),
                                        recalibrate, show)
             if report.recalibrated is not None:

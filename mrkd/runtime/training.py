@@ -14,7 +14,8 @@ bottleneck and student are recomputed over the clean training images with the fi
 used at test time are those of the trained network however few steps were taken.
 
 Single process or DDP (torchrun). Checkpoints are written atomically every `save_every` steps, on Ctrl-C and at the
-end (with the calibration fitted on held-out normal images); `resume=True` continues exactly from
+end (with the score reference fitted on the clean training images and the calibration on held-out normal images,
+runtime.reference and runtime.calibration); `resume=True` continues exactly from
 `<out>/checkpoint.pt` (every random choice is seeded by (seed, step) or (seed, epoch, image)).
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ..model.network import MRKDModel
 from .calibration import Calibration
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .detector import Detector
+from .reference import ScoreReference, reference_indices
 from .visualize import save_line_plot
 from .weights import build_model
 
@@ -206,22 +208,37 @@ def refresh_batchnorm(restorer: FeatureRestorer, features: TeacherFeatures, batc
     update_bn(((feats,) for feats in features.batches(batch_size)), restorer)
 
 
-def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimizer, calibration) -> dict:
-    """What a checkpoint holds: network, configs, optimizer, calibration (None mid-run), step, losses."""
+def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimizer, calibration,
+                  score_reference: ScoreReference | None = None) -> dict:
+    """What a checkpoint holds: network, configs, optimizer, calibration and score reference (None mid-run), step,
+    losses."""
     return {
         "model_config": cfg.model_config().to_dict(),
         "train_config": cfg.to_dict(),
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "calibration": calibration.to_dict() if calibration is not None else None,
+        "score_reference": score_reference.to_payload() if score_reference is not None else None,
         "step": state.step,
         "losses": list(state.losses),
     }
 
 
-def calibrate(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor, device: torch.device) -> Calibration:
-    """The calibration fitted on the raw scores and heat map maxima of held-out normal images."""
+def fit_score_reference(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor,
+                        device: torch.device) -> ScoreReference:
+    """The score reference fitted on the score maps of (up to REFERENCE_IMAGES of) the clean training images."""
     detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size)
+    chosen = images[reference_indices(len(images), cfg.seed)]
+    maps = [detector.score_maps(chosen[i : i + cfg.batch_size]).float().cpu()
+            for i in range(0, len(chosen), cfg.batch_size)]
+    return ScoreReference.fit(torch.cat(maps))
+
+
+def calibrate(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor, device: torch.device,
+              score_reference: ScoreReference | None = None) -> Calibration:
+    """The calibration fitted on the raw scores and heat map maxima of held-out normal images."""
+    detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size,
+                        score_reference=score_reference)
     scores, map_maxima = [], []
     for i in range(0, len(images), cfg.batch_size):
         maps, batch_scores = detector.raw_maps(images[i : i + cfg.batch_size])
@@ -315,10 +332,10 @@ class Trainer:
             self.optimizer.step()
             return loss.item()
 
-    def save(self, calibration: Calibration | None = None) -> None:
+    def save(self, calibration: Calibration | None = None, score_reference: ScoreReference | None = None) -> None:
         if self.ddp.is_main:
             save_checkpoint(self.ckpt_path, build_payload(self.model, self.cfg, self.state, self.optimizer,
-                                                          calibration))
+                                                          calibration, score_reference))
 
     def train_steps(self, until: int | None = None) -> None:
         cfg, state = self.cfg, self.state
@@ -366,16 +383,19 @@ class Trainer:
             dist.barrier()
         if self.ddp.is_main:
             refresh_batchnorm(self.restorer, self.features, cfg.batch_size)
+            reference = (fit_score_reference(self.model, cfg, self.images, self.device) if cfg.score_reference
+                         else None)
             calib_records = self.splits.calibration or self.train_records
             calib_images = load_images(calib_records, cfg.image_size, "calibrating", self.bars)
-            calibration = calibrate(self.model, cfg, calib_images, self.device)
-            self.save(calibration)
+            calibration = calibrate(self.model, cfg, calib_images, self.device, reference)
+            self.save(calibration, reference)
             write_json(self.out / "losses.json", {"step_loss": self.state.losses})
             save_line_plot(self.out / "loss_curve.png", {"loss": _smooth(self.state.losses)}, "step",
                            "distillation loss", f"{cfg.data} {cfg.backbone} ILM {'on' if cfg.ilm else 'off'} "
                                                 f"FLM {'on' if cfg.flm else 'off'}")
-            log.info("wrote %s (threshold %.5f, %d calibration images)", self.ckpt_path, calibration.threshold,
-                     len(calib_images))
+            log.info("wrote %s (threshold %.5f, %d calibration images, %s)", self.ckpt_path, calibration.threshold,
+                     len(calib_images), f"score reference from {len(reference_indices(len(self.images), cfg.seed))} "
+                     f"training images" if reference is not None else "no score reference")
         if self.ddp.world_size > 1:
             dist.barrier()
             dist.destroy_process_group()
