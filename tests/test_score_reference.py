@@ -147,3 +147,14 @@ def test_the_reference_can_be_switched_on_a_trained_run_without_training(tmp_pat
     plain = Detector.from_payload(off, precision="fp32")
     _, raw = plain.raw_maps(batch)
     torch.testing.assert_close(raw, plain.score_maps(batch).flatten(1).amax(dim=1))
+
+
+def test_a_run_with_one_training_image_trains_without_a_reference_and_says_so(tmp_path, caplog):
+    from mrkd.core.config import TrainConfig
+    from mrkd.runtime.training import train
+
+    with caplog.at_level("WARNING", logger="mrkd.train"):
+        path = train(TrainConfig(data="elpv:mono", out=str(tmp_path), image_size=64, batch_size=4, max_train_images=1,
+                                 save_every=0, steps=2), show_progress=False)
+    assert load_checkpoint(path)["score_reference"] is None
+    assert "needs at least 2 training images" in caplog.text

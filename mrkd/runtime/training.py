@@ -383,8 +383,12 @@ class Trainer:
             dist.barrier()
         if self.ddp.is_main:
             refresh_batchnorm(self.restorer, self.features, cfg.batch_size)
-            reference = (fit_score_reference(self.model, cfg, self.images, self.device) if cfg.score_reference
-                         else None)
+            reference = None
+            if cfg.score_reference and len(self.images) < 2:
+                log.warning("no score reference: it needs at least 2 training images, this run has %d; the score "
+                            "is the raw maximum of the map", len(self.images))
+            elif cfg.score_reference:
+                reference = fit_score_reference(self.model, cfg, self.images, self.device)
             calib_records = self.splits.calibration or self.train_records
             calib_images = load_images(calib_records, cfg.image_size, "calibrating", self.bars)
             calibration = calibrate(self.model, cfg, calib_images, self.device, reference)
