@@ -120,21 +120,25 @@ class Detector:
         teacher, student = self.network(x)
         maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), **self.config.map_options(),
                                    score_reference=self._reference)
+        self._refuse_non_finite(scores)
+        return maps[:, 0], scores
+
+    def _refuse_non_finite(self, scores: torch.Tensor) -> None:
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteScoreError(f"the {self.runtime} {self.precision} network gave NaN/Inf anomaly scores for "
                                       f"batch items {bad}; the model or its conversion is broken")
-        return maps[:, 0], scores
 
     @torch.inference_mode()
     def score_maps(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> the raw smoothed maps of the score's taps [B, S, S] (what a score reference is
-        fitted on)."""
+        fitted on); NonFiniteScoreError as raw_maps."""
         x = normalize(batch.to(self.device, non_blocking=True))
         teacher, student = self.network(x)
         options = self.config.map_options()
-        maps, _ = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), options["sigma"],
-                              options["score_scales"], options["pool"])
+        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), options["sigma"],
+                                   options["score_scales"], options["pool"])
+        self._refuse_non_finite(scores)
         return maps[:, 0]
 
     def predict_prepared(self, batch: torch.Tensor) -> Prediction:
