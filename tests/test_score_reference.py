@@ -122,7 +122,8 @@ def test_a_malformed_reference_in_a_checkpoint_is_refused_and_a_missing_one_mean
     for bad in ({"mean": torch.zeros(4, 4), "scale": torch.zeros(4, 4)},
                 {"mean": torch.zeros(4, 4), "scale": torch.ones(4, 5)},
                 {"mean": torch.full((4, 4), float("nan")), "scale": torch.ones(4, 4)},
-                {"mean": [0.0], "scale": [1.0]}):
+                {"mean": torch.zeros(4, 4), "scale": torch.full((4, 4), float("inf"))},
+                {"mean": [0.0], "scale": [1.0]}, [torch.zeros(4, 4), torch.ones(4, 4)]):
         with pytest.raises(CheckpointError, match="score reference is malformed"):
             ScoreReference.from_payload({"score_reference": bad})
 

@@ -116,12 +116,15 @@ class Detector:
     @torch.inference_mode()
     def raw_maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, 3, S, S] -> (raw maps [B, S, S], raw scores [B]) on the detector's device."""
-        x = normalize(batch.to(self.device, non_blocking=True))
-        teacher, student = self.network(x)
-        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), **self.config.map_options(),
+        teacher, student = self._features(batch)
+        maps, scores = anomaly_map(teacher, student, batch.shape[-2:], **self.config.map_options(),
                                    score_reference=self._reference)
         self._refuse_non_finite(scores)
         return maps[:, 0], scores
+
+    def _features(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """uint8 [B, 3, S, S] -> the network's teacher and student features on the detector's device."""
+        return self.network(normalize(batch.to(self.device, non_blocking=True)))
 
     def _refuse_non_finite(self, scores: torch.Tensor) -> None:
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
@@ -133,11 +136,10 @@ class Detector:
     def score_maps(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> the raw smoothed maps of the score's taps [B, S, S] (what a score reference is
         fitted on); NonFiniteScoreError as raw_maps."""
-        x = normalize(batch.to(self.device, non_blocking=True))
-        teacher, student = self.network(x)
+        teacher, student = self._features(batch)
         options = self.config.map_options()
-        maps, scores = anomaly_map(teacher, student, (x.shape[-2], x.shape[-1]), options["sigma"],
-                                   options["score_scales"], options["pool"])
+        maps, scores = anomaly_map(teacher, student, batch.shape[-2:], options["sigma"], options["score_scales"],
+                                   options["pool"])
         self._refuse_non_finite(scores)
         return maps[:, 0]
 
