@@ -47,7 +47,7 @@ from ..model.network import MRKDModel
 from .calibration import Calibration
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .detector import Detector
-from .reference import ScoreReference, reference_indices
+from .reference import REFERENCE_IMAGES, ScoreReference, reference_indices
 from .visualize import save_line_plot
 from .weights import build_model
 
@@ -398,7 +398,7 @@ class Trainer:
                            "distillation loss", f"{cfg.data} {cfg.backbone} ILM {'on' if cfg.ilm else 'off'} "
                                                 f"FLM {'on' if cfg.flm else 'off'}")
             log.info("wrote %s (threshold %.5f, %d calibration images, %s)", self.ckpt_path, calibration.threshold,
-                     len(calib_images), f"score reference from {len(reference_indices(len(self.images), cfg.seed))} "
+                     len(calib_images), f"score reference from {min(len(self.images), REFERENCE_IMAGES)} "
                      f"training images" if reference is not None else "no score reference")
         if self.ddp.world_size > 1:
             dist.barrier()
