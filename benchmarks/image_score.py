@@ -70,9 +70,11 @@ def test_features(detector: Detector, records: list, batch_size: int = 16) -> tu
 
 
 def variant_maps(teachers: list[list], students: list[list], scales: tuple[int, ...], size: int,
-                 sigma: float, pool: int = 1) -> np.ndarray:
-    """[N, S, S] maps summed over the chosen scales (features averaged over pool x pool first), smoothed."""
-    maps = [anomaly_map_reference(t, s, (size, size), sigma, scales, pool)[0][:, 0] for t, s in zip(teachers, students)]
+                 sigma: float, pool: int = 1, combine: str = "sum") -> np.ndarray:
+    """[N, S, S] maps summed (or multiplied) over the chosen scales (features averaged over pool x pool first),
+    smoothed."""
+    maps = [anomaly_map_reference(t, s, (size, size), sigma, scales, pool, combine=combine)[0][:, 0]
+            for t, s in zip(teachers, students)]
     return torch.cat(maps).numpy()
 
 
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigmas", default=None, help="comma-separated sigmas in pixels (default: the model's)")
     p.add_argument("--pools", default=None, help="comma-separated neighbourhood sizes averaged before the distance "
                    "(default: the model's; 1: none; 3: PatchCore's local aggregation)")
+    p.add_argument("--combines", default=None, help="comma-separated ways to combine the scales: sum, product "
+                   "(default: the model's heat-map setting; the product's row is its heat map and the max of it)")
     p.add_argument("--reference-images", type=int, default=None,
                    help=f"training images each variant's score reference is fitted on (default: "
                         f"{REFERENCE_IMAGES} if the checkpoint holds a reference, as the product does; 0: none)")
@@ -117,14 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     pools = [int(v) for v in a.pools.split(",")] if a.pools else [detector.config.feature_pool]
     scale_sets = parse_scales(a.scales) if a.scales else list(dict.fromkeys([detector.config.map_scales,
                                                                              detector.config.score_scales]))
-    for scales, sigma, pool in itertools.product(scale_sets, sigmas, pools):
-        maps = variant_maps(teachers, students, scales, size, sigma, pool)
-        row = {"scales": "+".join(map(str, scales)), "sigma": sigma, "pool": pool}
+    combines = a.combines.split(",") if a.combines else [detector.config.map_combine]
+    for scales, sigma, pool, combine in itertools.product(scale_sets, sigmas, pools, combines):
+        maps = variant_maps(teachers, students, scales, size, sigma, pool, combine)
+        row = {"scales": "+".join(map(str, scales)), "sigma": sigma, "pool": pool, "combine": combine}
         if has_masks:
             row.update(pixel_auroc=pixel_auroc(masks, maps), aupro=aupro(masks, maps))
         row.update({f"top{k}": image_auroc(labels, top_k_mean(maps, int(k))) for k in a.ks.split(",")})
         if normal_features is not None:
-            reference = ScoreReference.fit(torch.from_numpy(variant_maps(*normal_features, scales, size, sigma, pool)))
+            reference = ScoreReference.fit(torch.from_numpy(variant_maps(*normal_features, scales, size, sigma, pool,
+                                                                         combine)))
             standardised = (maps - reference.mean.numpy()) / reference.scale.numpy()
             row["std"] = image_auroc(labels, top_k_mean(standardised, 1))
         results.append(row)

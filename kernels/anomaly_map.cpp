@@ -92,8 +92,8 @@ std::vector<float> gaussian_weights(double sigma) {
 
 TORCH_LIBRARY(mrkd, m) {
   m.def(
-      "anomaly_map(Tensor[] teacher, Tensor[] student, int[] out_size, float sigma=4.0) -> (Tensor maps, Tensor "
-      "scores)");
+      "anomaly_map(Tensor[] teacher, Tensor[] student, int[] out_size, float sigma=4.0, bool product=False) -> "
+      "(Tensor maps, Tensor scores)");
 }
 
 // Importing mrkd._C runs the static registrations above and in the kernel files.

@@ -1,5 +1,5 @@
-// Fused anomaly map: per-scale cosine distance, bilinear upsample (align_corners=True), sum over scales,
-// Gaussian blur (scipy "reflect" border, truncated at 4 sigma), max per image.
+// Fused anomaly map: per-scale cosine distance, bilinear upsample (align_corners=True), sum (or, with `product`,
+// product) over scales, Gaussian blur (scipy "reflect" border, truncated at 4 sigma), max per image.
 // One registered operator, torch.ops.mrkd.anomaly_map, with a CPU kernel (cpu/) and a CUDA kernel (cuda/).
 // A NaN or infinite feature value anywhere in an image (teacher or student, any scale) makes its score NaN: such a
 // value always gives a NaN cosine distance at its pixel, and both kernels flag the image when they compute it, so
@@ -60,10 +60,10 @@ inline int64_t reflect_index(int64_t i, int64_t n) {
 }  // namespace detail
 
 AnomalyMapResult anomaly_map_cpu(at::TensorList teacher, at::TensorList student, at::IntArrayRef out_size,
-                                 double sigma);
+                                 double sigma, bool product);
 #ifdef WITH_CUDA
 AnomalyMapResult anomaly_map_cuda(at::TensorList teacher, at::TensorList student, at::IntArrayRef out_size,
-                                  double sigma);
+                                  double sigma, bool product);
 #endif
 
 }  // namespace mrkd

@@ -1,4 +1,4 @@
-"""Anomaly map: per-scale cosine distance, bilinear upsampling, sum, Gaussian smoothing, max.
+"""Anomaly map: per-scale cosine distance, bilinear upsampling, sum (or product), Gaussian smoothing, max.
 
 `anomaly_map` runs the fused C++/CUDA operator `torch.ops.mrkd.anomaly_map` (kernels/, built as `mrkd._C`);
 `anomaly_map_reference` is the same computation in plain PyTorch.
@@ -32,6 +32,7 @@ COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default: each norm 
 GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 MAX_BLUR_RADIUS = 1 << 20  # pixels; the kernels' limit (kernels/anomaly_map.h kMaxBlurRadius), sigma up to ~262144
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMBINES = ("sum", "product")  # how the per-scale distances become one map (see _check_combine)
 
 _fallback_warned = False
 
@@ -40,7 +41,8 @@ if _NATIVE_ERROR is None:
 
     @torch.library.register_fake("mrkd::anomaly_map")
     def _anomaly_map_fake(
-        teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: Sequence[int], sigma: float = 4.0
+        teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: Sequence[int], sigma: float = 4.0,
+        product: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What the op returns, without computing it (torch.compile, torch.export, FakeTensor tracing): maps
         [B, 1, H, W] and scores [B], float32 whatever the features' dtype, on the features' device."""
@@ -52,6 +54,13 @@ if _NATIVE_ERROR is None:
 def native_available() -> bool:
     """Whether the compiled operator (mrkd._C) is loaded and used by `anomaly_map`."""
     return _NATIVE_ERROR is None
+
+
+def _check_combine(combine: str) -> None:
+    """How the upsampled per-scale distances become one map: "sum" (the paper's) or "product" (RD4AD's and
+    anomalib's "multiply" mode; see core.config.DEFAULT_MAP_COMBINE)."""
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be 'sum' or 'product', got {combine!r}")
 
 
 def _validate(
@@ -193,9 +202,11 @@ def _distance_sum(
 
 
 def _distances(
-    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: tuple[int, int]
+    teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], out_size: tuple[int, int],
+    combine: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(_distance_sum, [B] bool: the image has a non-finite cosine distance at some feature pixel of some scale).
+    """(the upsampled (align_corners=True) 1 - cosine similarities summed or multiplied over scales, [B, 1, H, W]
+    float32; [B] bool: the image has a non-finite cosine distance at some feature pixel of some scale).
 
     A NaN or infinite feature value always gives a NaN distance at its pixel (inf / inf, inf * 0, inf - inf)."""
     total = None
@@ -205,7 +216,10 @@ def _distances(
         bad = ~torch.isfinite(distance).flatten(1).all(dim=1)
         invalid = bad if invalid is None else invalid | bad
         upsampled = F.interpolate(distance.unsqueeze(1), size=out_size, mode="bilinear", align_corners=True)
-        total = upsampled if total is None else total + upsampled
+        if total is None:
+            total = upsampled
+        else:
+            total = total * upsampled if combine == "product" else total + upsampled
     assert total is not None and invalid is not None
     return total, invalid
 
@@ -235,11 +249,12 @@ def _standardize_score(result: tuple[torch.Tensor, torch.Tensor],
     return maps, standardized.flatten(1).amax(dim=1).masked_fill(torch.isnan(scores), float("nan"))
 
 
-def _splits(scales: Sequence[int] | None, score_scales: Sequence[int] | None) -> bool:
-    """Whether the score reads other taps than the map (a second pass over the features)."""
+def _splits(scales: Sequence[int] | None, score_scales: Sequence[int] | None, combine: str) -> bool:
+    """Whether the score needs its own pass over the features: it reads other taps than the map, or the same taps
+    summed while the map multiplies them."""
     if score_scales is None:
         return False
-    return scales is None or sorted(score_scales) != sorted(scales)
+    return scales is None or sorted(score_scales) != sorted(scales) or combine != "sum"
 
 
 @torch.no_grad()
@@ -252,17 +267,19 @@ def anomaly_map_reference(
     pool: int = 1,
     score_scales: Sequence[int] | None = None,
     score_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    combine: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
     non-finite feature value). See `anomaly_map` for the arguments."""
+    _check_combine(combine)
     score = None
-    if _splits(scales, score_scales):
+    if _splits(scales, score_scales, combine):
         score = anomaly_map_reference(teacher, student, out_size, sigma, score_scales, pool,
                                       score_reference=score_reference)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     size = _validate(teacher, student, out_size, sigma)
-    summed, invalid = _distances(teacher, student, size)
+    summed, invalid = _distances(teacher, student, size, combine)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
     scores = maps.flatten(1).amax(dim=1)
     result = _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out)
@@ -279,21 +296,25 @@ def anomaly_map(
     pool: int = 1,
     score_scales: Sequence[int] | None = None,
     score_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    combine: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused anomaly map: (maps [B, 1, H, W] float32, scores [B] float32, the max of each smoothed map).
 
     `scales` picks the feature pairs to use (default all) and `pool` averages each over a pool x pool
     neighbourhood first (see local_average; 1 = none): both in PyTorch, before the fused operator.
     Per scale 1 - cosine similarity over channels, bilinear upsampling (align_corners=True) to out_size, sum
-    over scales, Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect" border; sigma 0 = none), max.
+    over scales (`combine="product"`: their product), Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect"
+    border; sigma 0 = none), max.
     `score_scales` (default: `scales`) lets the image score read other taps than the heat map: the score is then
-    the max of the smoothed map of those taps (a second call of the operator), the maps stay those of `scales`.
+    the max of the smoothed map of those taps, always summed (a second call of the operator), the maps stay those
+    of `scales`.
     `score_reference` (mean, scale), [H, W] each: the score is the max of (score map - mean) / scale instead (see
     the module's docstring). An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
+    _check_combine(combine)
     score = None
-    if _splits(scales, score_scales):
+    if _splits(scales, score_scales, combine):
         score = anomaly_map(teacher, student, out_size, sigma, score_scales, pool, score_reference=score_reference)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
@@ -307,8 +328,9 @@ def anomaly_map(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        result = _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma), left_out)
+        result = _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma, combine=combine),
+                                left_out)
     else:
         result = _flag_left_out(torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width],
-                                                           float(sigma)), left_out)
+                                                           float(sigma), combine == "product"), left_out)
     return _score_from(score, result if score is not None else _standardize_score(result, score_reference))

@@ -99,6 +99,7 @@ def test_the_detector_maps_every_pooled_tap_and_scores_the_pooled_stride_16_tap(
 
     detector = Detector.load(tiny_checkpoint, precision="fp32")
     assert detector.config.map_scales == (0, 1, 2) and detector.config.score_scales == (2,)
+    assert detector.config.map_combine == "product"  # the heat map's taps multiplied (tests/test_map_combine.py)
     batch = torch.randint(0, 256, (2, 3, detector.image_size, detector.image_size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
     maps, scores = detector.raw_maps(batch)
@@ -106,7 +107,7 @@ def test_the_detector_maps_every_pooled_tap_and_scores_the_pooled_stride_16_tap(
     pooled = [[torch.from_numpy(neighbourhood_mean_by_loops(f.numpy(), 3)).float() for f in fs]
               for fs in (teacher, student)]
     size, sigma = (detector.image_size, detector.image_size), detector.config.blur_sigma
-    want_maps, heat_max = anomaly_map_reference(*pooled, size, sigma)
+    want_maps, heat_max = anomaly_map_reference(*pooled, size, sigma, combine="product")
     score_maps, _ = anomaly_map_reference(pooled[0][2:], pooled[1][2:], size, sigma)
     reference = detector.score_reference  # the score is standardised by it (tests/test_score_reference.py)
     want_scores = ((score_maps[:, 0] - reference.mean) / reference.scale).flatten(1).amax(dim=1)
@@ -114,7 +115,7 @@ def test_the_detector_maps_every_pooled_tap_and_scores_the_pooled_stride_16_tap(
     torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
     standardised_heat = ((want_maps[:, 0] - reference.mean) / reference.scale).flatten(1).amax(dim=1)
     assert not torch.allclose(standardised_heat, scores, rtol=1e-3)  # the score is not read from the heat map
-    unpooled, _ = anomaly_map_reference(teacher, student, size, sigma)
+    unpooled, _ = anomaly_map_reference(teacher, student, size, sigma, combine="product")
     assert not torch.allclose(maps, unpooled[:, 0], atol=1e-4)
 
 

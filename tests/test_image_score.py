@@ -36,7 +36,8 @@ def test_the_all_scales_variant_gives_the_product_detectors_maps(tiny_checkpoint
     assert len(teachers) == 3 and len(teachers[0]) == 3  # batches of 2, 2, 1; three taps
     sigma, pool = detector.config.blur_sigma, detector.config.feature_pool
     scales = detector.config.map_scales
-    ours = image_score.variant_maps(teachers, students, scales, detector.image_size, sigma, pool)
+    ours = image_score.variant_maps(teachers, students, scales, detector.image_size, sigma, pool,
+                                    detector.config.map_combine)
     batch = torch.stack([prepare_image(r.load_image(), detector.image_size) for r in records])
     product = detector.predict_prepared(batch)
     np.testing.assert_allclose(ours, product.maps, rtol=1e-4, atol=1e-5)
@@ -45,5 +46,7 @@ def test_the_all_scales_variant_gives_the_product_detectors_maps(tiny_checkpoint
     reference = detector.score_reference  # the product standardises the score map before its max
     standardised = (score_maps - reference.mean.numpy()) / reference.scale.numpy()
     np.testing.assert_allclose(image_score.top_k_mean(standardised, 1), product.scores, rtol=1e-4, atol=1e-5)
+    summed = image_score.variant_maps(teachers, students, scales, detector.image_size, sigma, pool)
     fewer = image_score.variant_maps(teachers, students, scales[1:], detector.image_size, sigma, pool)
-    assert (fewer <= ours + 1e-6).all() and not np.allclose(fewer, ours)  # a dropped scale removes its distance
+    assert (fewer <= summed + 1e-6).all() and not np.allclose(fewer, summed)  # a dropped scale removes its distance
+    assert not np.allclose(summed, ours)  # the product's heat map is another map

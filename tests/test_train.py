@@ -60,12 +60,13 @@ def test_resume_continues_exactly(trained, tmp_path):
 def test_resume_may_change_how_the_map_is_read_but_not_the_network(trained, tmp_path):
     """A run trained before the map options existed (or with other values) continues; its checkpoint then holds the
     new map settings. Another network or masking is refused."""
-    train(tiny(tmp_path, steps=3, feature_pool=1, map_scales=(1, 2), score_scales=(1, 2)), show_progress=False)
+    train(tiny(tmp_path, steps=3, feature_pool=1, map_scales=(1, 2), score_scales=(1, 2), map_combine="sum"),
+          show_progress=False)
     resumed = load_checkpoint(train(tiny(tmp_path, steps=4, resume=True), show_progress=False))
     np.testing.assert_allclose(resumed["losses"], load_checkpoint(trained)["losses"], rtol=1e-6)
     config = resumed["model_config"]
     assert config["feature_pool"] == 3 and tuple(config["map_scales"]) == (0, 1, 2)
-    assert tuple(config["score_scales"]) == (2,)
+    assert tuple(config["score_scales"]) == (2,) and config["map_combine"] == "product"
     with pytest.raises(CheckpointError, match="cannot resume"):
         train(tiny(tmp_path, steps=5, flm=False, resume=True), show_progress=False)
 

@@ -1,6 +1,6 @@
 // CPU kernel of mrkd::anomaly_map.
 // Pass 1 reads every feature map once: per pixel dot(t, s), |t|^2, |s|^2 with vectorised channel loops.
-// Pass 2 (per output row) upsamples and sums the per-scale distances, then blurs horizontally.
+// Pass 2 (per output row) upsamples and sums (or multiplies) the per-scale distances, then blurs horizontally.
 // Pass 3 blurs vertically and takes the per-image max. All passes are parallel over (image, rows).
 // A NaN distance in pass 1 (from a NaN or infinite feature value) or a NaN map value makes the image's score NaN.
 #include "../anomaly_map.h"
@@ -273,7 +273,7 @@ MRKD_HOT float row_max(const float* row, int64_t n, float current) {
 constexpr int64_t kRowsPerItem = 16;
 
 AnomalyMapResult anomaly_map_cpu_impl(at::TensorList teacher, at::TensorList student, at::IntArrayRef out_size,
-                                      double sigma) {
+                                      double sigma, bool product) {
   detail::check_anomaly_map_inputs(teacher, student, out_size, sigma, c10::DeviceType::CPU);
   const int64_t batch = teacher[0].size(0);
   const int64_t out_h = out_size[0], out_w = out_size[1];
@@ -327,7 +327,7 @@ AnomalyMapResult anomaly_map_cpu_impl(at::TensorList teacher, at::TensorList stu
   float* horizontal_data = horizontal.data_ptr<float>();
   const int64_t row_items = (out_h + kRowsPerItem - 1) / kRowsPerItem;
 
-  // Pass 2: upsample + sum over scales + horizontal blur, one output row at a time.
+  // Pass 2: upsample + sum (product) over scales + horizontal blur, one output row at a time.
   at::parallel_for(0, batch * row_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> summed(out_w + 2 * radius), padded(out_w + 2 * radius), source_row(max_source_width);
     for (int64_t item = begin; item < end; ++item) {
@@ -335,15 +335,21 @@ AnomalyMapResult anomaly_map_cpu_impl(at::TensorList teacher, at::TensorList stu
       const int64_t y_begin = (item % row_items) * kRowsPerItem;
       const int64_t y_end = std::min(out_h, y_begin + kRowsPerItem);
       for (int64_t y = y_begin; y < y_end; ++y) {
-        std::fill(summed.begin(), summed.begin() + out_w, 0.0f);
+        std::fill(summed.begin(), summed.begin() + out_w, product ? 1.0f : 0.0f);
         for (size_t k = 0; k < scales.size(); ++k) {
           const ScaleWork& sw = scales[k];
           const float* map = dist_data + sw.dist_offset + b * sw.height * sw.width;
           lerp_rows(map + taps_y[k].lo[y] * sw.width, map + taps_y[k].hi[y] * sw.width, taps_y[k].frac[y],
                     sw.width, source_row.data());
           const Taps& tx = taps_x[k];
-          for (int64_t x = 0; x < out_w; ++x) {
-            summed[x] += (1.0f - tx.frac[x]) * source_row[tx.lo[x]] + tx.frac[x] * source_row[tx.hi[x]];
+          if (product) {
+            for (int64_t x = 0; x < out_w; ++x) {
+              summed[x] *= (1.0f - tx.frac[x]) * source_row[tx.lo[x]] + tx.frac[x] * source_row[tx.hi[x]];
+            }
+          } else {
+            for (int64_t x = 0; x < out_w; ++x) {
+              summed[x] += (1.0f - tx.frac[x]) * source_row[tx.lo[x]] + tx.frac[x] * source_row[tx.hi[x]];
+            }
           }
         }
         for (int64_t j = 0; j < out_w + 2 * radius; ++j) padded[j] = summed[reflect_x[j]];
@@ -393,8 +399,8 @@ AnomalyMapResult anomaly_map_cpu_impl(at::TensorList teacher, at::TensorList stu
 }  // namespace
 
 AnomalyMapResult anomaly_map_cpu(at::TensorList teacher, at::TensorList student, at::IntArrayRef out_size,
-                                 double sigma) {
-  return anomaly_map_cpu_impl(teacher, student, out_size, sigma);
+                                 double sigma, bool product) {
+  return anomaly_map_cpu_impl(teacher, student, out_size, sigma, product);
 }
 
 TORCH_LIBRARY_IMPL(mrkd, CPU, m) { m.impl("anomaly_map", &anomaly_map_cpu); }

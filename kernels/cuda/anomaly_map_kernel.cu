@@ -1,7 +1,8 @@
 // CUDA kernel of mrkd::anomaly_map.
 // 1. cosine_distance_kernel: every feature map read once (16-byte loads where aligned, float32 accumulation);
 //    all scales in one launch, channels split across thread groups when there are few pixels.
-// 2. upsample_hblur_kernel: one block per output row: bilinear upsample + sum over scales + horizontal blur.
+// 2. upsample_hblur_kernel: one block per output row: bilinear upsample + sum (or product) over scales +
+//    horizontal blur.
 // 3. vblur_max_kernel: vertical blur, writes the maps, block max reduction + atomic max per image.
 // 4. nan_scores_kernel: NaN score for every image flagged in 1 (a NaN distance: a NaN or infinite feature value) or
 //    in 3 (a NaN map value), so no image with a bad feature anywhere gets a finite score.
@@ -292,11 +293,11 @@ __device__ __forceinline__ void bilinear_tap(float scale, int o, int in, int& lo
   frac = src - static_cast<float>(lo);
 }
 
-// grid (out_h, B), block kThreads. `accumulate` adds this launch's scales to what is already in `rows`
-// (more than kMaxScalesPerLaunch scales are summed over several launches; the last one blurs).
+// grid (out_h, B), block kThreads. `accumulate` adds (`product`: multiplies) this launch's scales to what is
+// already in `summed` (more than kMaxScalesPerLaunch scales take several launches; the last one blurs).
 __global__ void __launch_bounds__(kThreads)
     upsample_hblur_kernel(const SourceMaps sources, float* summed, float* horizontal, int out_h, int out_w,
-                          int radius, double sigma, bool accumulate, bool blur) {
+                          int radius, double sigma, bool accumulate, bool blur, bool product) {
   extern __shared__ unsigned char smem_raw[];
   double* scratch = reinterpret_cast<double*>(smem_raw);
   float* weights = reinterpret_cast<float*>(scratch + (2 * radius + 1));
@@ -322,14 +323,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   float* summed_row = summed + (static_cast<int64_t>(b) * out_h + y) * out_w;
   for (int x = threadIdx.x; x < out_w; x += kThreads) {
-    float value = accumulate ? summed_row[x] : 0.0f;
+    float value = accumulate ? summed_row[x] : (product ? 1.0f : 0.0f);
     int row_offset = 0;
     for (int k = 0; k < sources.count; ++k) {
       const SourceMap& src = sources.map[k];
       int lo, hi;
       float frac;
       bilinear_tap(src.scale_x, x, src.width, lo, hi, frac);
-      value += (1.0f - frac) * source_rows[row_offset + lo] + frac * source_rows[row_offset + hi];
+      const float distance = (1.0f - frac) * source_rows[row_offset + lo] + frac * source_rows[row_offset + hi];
+      value = product ? value * distance : value + distance;
       row_offset += src.width;
     }
     padded[radius + x] = value;
@@ -476,7 +478,7 @@ int64_t blocks_for(const ScaleDesc& d) {
 }
 
 AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList student, at::IntArrayRef out_size,
-                                       double sigma) {
+                                       double sigma, bool product) {
   detail::check_anomaly_map_inputs(teacher, student, out_size, sigma, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(teacher[0].device());
   const int64_t batch = teacher[0].size(0);
@@ -537,7 +539,7 @@ AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList st
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // Pass 2: upsample + sum (+ horizontal blur in the launch that adds the last scales).
+  // Pass 2: upsample + sum or product (+ horizontal blur in the launch that adds the last scales).
   const int radius = static_cast<int>(detail::gaussian_radius(sigma));
   // Partial sums only when the scales need more than one launch.
   at::Tensor summed = features.size() > kMaxScalesPerLaunch ? at::empty({batch, out_h, out_w}, float_options)
@@ -574,7 +576,7 @@ AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList st
     const dim3 grid(static_cast<unsigned>(out_h), static_cast<unsigned>(batch));
     upsample_hblur_kernel<<<grid, kThreads, hblur_smem, stream>>>(
         sources, summed_data, horizontal.data_ptr<float>(), static_cast<int>(out_h),
-        static_cast<int>(out_w), radius, sigma, first > 0, last == features.size());
+        static_cast<int>(out_w), radius, sigma, first > 0, last == features.size(), product);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -603,8 +605,8 @@ AnomalyMapResult anomaly_map_cuda_impl(at::TensorList teacher, at::TensorList st
 }  // namespace
 
 AnomalyMapResult anomaly_map_cuda(at::TensorList teacher, at::TensorList student, at::IntArrayRef out_size,
-                                  double sigma) {
-  return anomaly_map_cuda_impl(teacher, student, out_size, sigma);
+                                  double sigma, bool product) {
+  return anomaly_map_cuda_impl(teacher, student, out_size, sigma, product);
 }
 
 TORCH_LIBRARY_IMPL(mrkd, CUDA, m) { m.impl("anomaly_map", &anomaly_map_cuda); }

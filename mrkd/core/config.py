@@ -22,8 +22,14 @@ DEFAULT_FEATURE_POOL = 3
 DEFAULT_MAP_SCALES = (0, 1, 2)
 DEFAULT_SCORE_SCALES = (2,)
 N_TAPS = 3
+# How the heat map's taps are combined: their distances multiplied (RD4AD's and anomalib's "multiply" mode), so a
+# pixel is hot only where every tap disagrees: one tap's error on normal grain no longer lights it. Higher AU-PRO
+# than the sum on every texture and seed measured (docs/results.md, issue 18). The score's taps are always summed
+# (the product scored ELPV mono lower). Checkpoints written before the option summed the heat map too.
+DEFAULT_MAP_COMBINE = "product"
+MAP_COMBINES = ("sum", "product")  # mrkd.ops.COMBINES (a leaf layer like this one)
 # ModelConfig fields that only say how the map is read from the features (a run may resume with other values)
-MAP_SETTINGS = ("sigma", "feature_pool", "map_scales", "score_scales")
+MAP_SETTINGS = ("sigma", "feature_pool", "map_scales", "score_scales", "map_combine")
 # Optimizer steps of the embedded default (elpv:mono, MobileNetV2, 256 px): about 10 minutes of 2 CPU cores of the
 # slower kind (fp32); more steps did not help on the dropped seed (docs/results.md, issue 18).
 DEFAULT_STEPS = 600
@@ -49,8 +55,9 @@ class ModelConfig:
     inference_mask: bool = False  # the reference code's random test-time mask; off = deterministic
     sigma: float | None = None  # Gaussian sigma in pixels; None = 4 at 256 px, scaled with image_size
     feature_pool: int = DEFAULT_FEATURE_POOL  # k x k local average of the features before the distance (1 = none)
-    map_scales: tuple[int, ...] = DEFAULT_MAP_SCALES  # taps summed into the heat map
+    map_scales: tuple[int, ...] = DEFAULT_MAP_SCALES  # taps combined into the heat map
     score_scales: tuple[int, ...] = DEFAULT_SCORE_SCALES  # taps whose smoothed map's max is the image score
+    map_combine: str = DEFAULT_MAP_COMBINE  # how the heat map's taps are combined: "sum" or "product"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -59,6 +66,8 @@ class ModelConfig:
             raise OptionError(f"feature_pool must be an odd size >= 1, got {self.feature_pool}", "feature_pool")
         self.map_scales = _tap_set(self.map_scales, "map_scales")
         self.score_scales = _tap_set(self.score_scales, "score_scales")
+        if self.map_combine not in MAP_COMBINES:
+            raise OptionError(f"map_combine must be 'sum' or 'product', got {self.map_combine!r}", "map_combine")
 
     @property
     def blur_sigma(self) -> float:
@@ -67,7 +76,7 @@ class ModelConfig:
     def map_options(self) -> dict[str, Any]:
         """The keyword arguments of mrkd.ops.anomaly_map after the features and the output size."""
         return {"sigma": self.blur_sigma, "scales": self.map_scales, "pool": self.feature_pool,
-                "score_scales": self.score_scales}
+                "score_scales": self.score_scales, "combine": self.map_combine}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +88,7 @@ class ModelConfig:
         values.setdefault("feature_pool", 1)  # what a checkpoint from before these options computed
         values.setdefault("map_scales", tuple(range(N_TAPS)))
         values.setdefault("score_scales", values["map_scales"])  # the score was the max of the heat map
+        values.setdefault("map_combine", "sum")
         return cls(**values)
 
 
@@ -130,6 +140,11 @@ class TrainConfig:
     score_scales: tuple[int, ...] = option(DEFAULT_SCORE_SCALES, type=int_list,
                                            help="teacher taps whose smoothed map's maximum is the image score "
                                                 "(default 2; the --map-scales taps make it the heat map's maximum)")
+    map_combine: str = option(
+        DEFAULT_MAP_COMBINE, choices=list(MAP_COMBINES),
+        help="how the heat map combines its taps' distances (default product: a pixel is hot where every tap "
+             "disagrees; sum: where any does, the paper's; the score's taps are always summed; changing it on a "
+             "trained run needs only --resume)")
     score_reference: bool = option(
         True, type=on_off, metavar="on|off",
         help="standardise the score map per pixel by the mean and spread of normal training images' maps before its "
@@ -148,7 +163,7 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(backbone=self.backbone, image_size=self.image_size, flm=self.flm, flm_ratio=self.flm_ratio,
                            feature_pool=self.feature_pool, map_scales=tuple(self.map_scales),
-                           score_scales=tuple(self.score_scales))
+                           score_scales=tuple(self.score_scales), map_combine=self.map_combine)
 
     def steps_per_epoch(self, n_train: int, world_size: int = 1) -> int:
         per_rank = max(1, self.batch_size // world_size)
