@@ -56,6 +56,14 @@ def native_available() -> bool:
     return _NATIVE_ERROR is None
 
 
+def _geometric_root(values: torch.Tensor, n: int) -> torch.Tensor:
+    """The n-th root, sign kept (rounding can make a distance a hair below 0): a smoothed product of n distances
+    back on the distances' scale, like their geometric mean. Monotone, so it ranks pixels and images as the product
+    does; it keeps heat-map values (and per-image thresholds spaced evenly between a map's min and max, as the
+    papers' AU-PRO protocol spaces them) from crowding near 0."""
+    return values if n == 1 else values.sign() * values.abs().pow(1.0 / n)
+
+
 def _check_combine(combine: str) -> None:
     """How the upsampled per-scale distances become one map: "sum" (the paper's) or "product" (RD4AD's and
     anomalib's "multiply" mode; see core.config.DEFAULT_MAP_COMBINE)."""
@@ -281,6 +289,8 @@ def anomaly_map_reference(
     size = _validate(teacher, student, out_size, sigma)
     summed, invalid = _distances(teacher, student, size, combine)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
+    if combine == "product":
+        maps = _geometric_root(maps, len(teacher))
     scores = maps.flatten(1).amax(dim=1)
     result = _flag_left_out((maps, scores.masked_fill(invalid, float("nan"))), left_out)
     return _score_from(score, result if score is not None else _standardize_score(result, score_reference))
@@ -304,7 +314,8 @@ def anomaly_map(
     neighbourhood first (see local_average; 1 = none): both in PyTorch, before the fused operator.
     Per scale 1 - cosine similarity over channels, bilinear upsampling (align_corners=True) to out_size, sum
     over scales (`combine="product"`: their product), Gaussian blur (sigma, truncated at 4 sigma, scipy "reflect"
-    border; sigma 0 = none), max.
+    border; sigma 0 = none), max. A product map (and its max) of n scales comes back as its n-th root, on the
+    distances' scale (`_geometric_root`; in PyTorch after the operator).
     `score_scales` (default: `scales`) lets the image score read other taps than the heat map: the score is then
     the max of the smoothed map of those taps, always summed (a second call of the operator), the maps stay those
     of `scales`.
@@ -331,6 +342,9 @@ def anomaly_map(
         result = _flag_left_out(anomaly_map_reference(teacher, student, (height, width), sigma, combine=combine),
                                 left_out)
     else:
-        result = _flag_left_out(torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width],
-                                                           float(sigma), combine == "product"), left_out)
+        maps, scores = torch.ops.mrkd.anomaly_map(list(teacher), list(student), [height, width], float(sigma),
+                                                  combine == "product")
+        if combine == "product":
+            maps, scores = _geometric_root(maps, len(teacher)), _geometric_root(scores, len(teacher))
+        result = _flag_left_out((maps, scores), left_out)
     return _score_from(score, result if score is not None else _standardize_score(result, score_reference))
