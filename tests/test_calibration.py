@@ -94,7 +94,8 @@ def test_training_calibrates_scores_on_the_score_taps_and_heat_maps_on_the_map_t
     images = torch.randint(0, 256, (7, 3, config.image_size, config.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(4))
     cfg = TrainConfig(image_size=config.image_size, batch_size=3, map_scales=config.map_scales,
-                      score_scales=config.score_scales, feature_pool=config.feature_pool)
+                      score_scales=config.score_scales, feature_pool=config.feature_pool,
+                      map_combine=config.map_combine)
     payload = load_checkpoint(tiny_checkpoint)
     model = MRKDModel.from_config(config)
     model.load_state_dict(payload["state_dict"])
@@ -103,7 +104,8 @@ def test_training_calibrates_scores_on_the_score_taps_and_heat_maps_on_the_map_t
     with torch.no_grad():
         teacher, student = model(normalize(images))
     size = (config.image_size, config.image_size)
-    heat, _ = anomaly_map_reference(teacher, student, size, config.blur_sigma, config.map_scales, config.feature_pool)
+    heat, _ = anomaly_map_reference(teacher, student, size, config.blur_sigma, config.map_scales, config.feature_pool,
+                                    combine=config.map_combine)
     _, scores = anomaly_map_reference(teacher, student, size, config.blur_sigma, config.score_scales,
                                       config.feature_pool)
     maxima = heat.flatten(1).amax(dim=1).numpy()

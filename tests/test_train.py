@@ -90,6 +90,7 @@ def test_resuming_a_finished_run_with_new_map_settings_recalibrates_and_keeps_ev
 
 @pytest.mark.slow  # trains a model with the Lite0 teacher
 def test_the_quality_preset_trains_the_lite0_teacher_scored_on_every_tap_and_explicit_options_win(tmp_path):
+    from mrkd.ops import anomaly_map_reference
     from mrkd.train import parse_args
 
     default = parse_args([])[0].model_config()
@@ -106,8 +107,13 @@ def test_the_quality_preset_trains_the_lite0_teacher_scored_on_every_tap_and_exp
     detector = Detector.load(out / "checkpoint.pt")
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     maps, scores = detector.raw_maps(images)
-    reference = detector.score_reference  # scored on the heat map's taps: its standardised maximum
-    torch.testing.assert_close(scores, ((maps - reference.mean) / reference.scale).flatten(1).amax(1))
+    teacher, student = detector._features(images)
+    config = detector.config
+    assert config.map_combine == "product"  # the heat map multiplies the taps; the score sums them (every tap)
+    summed, _ = anomaly_map_reference(teacher, student, (64, 64), config.blur_sigma, (0, 1, 2), config.feature_pool)
+    reference = detector.score_reference
+    torch.testing.assert_close(scores, ((summed[:, 0] - reference.mean) / reference.scale).flatten(1).amax(1))
+    assert not torch.allclose(maps, summed[:, 0], atol=1e-3)
 
 
 @pytest.mark.slow  # trains a model
