@@ -15,10 +15,11 @@ SIGMA_AT_256 = 4.0
 # Teacher and student features are averaged over this neighbourhood before the distance (PatchCore's locally aware
 # features); checkpoints written before the option existed used 1 (none).
 DEFAULT_FEATURE_POOL = 3
-# The teacher taps whose distances are summed into the heat map (0 = stride 4, 1 = stride 8, 2 = stride 16), and
-# those whose smoothed map's maximum is the image score. The fine stride-4 tap localises small defects best; the
-# stride-16 tap alone separates normal from defective images best (docs/results.md, chosen on a dropped seed).
-# Checkpoints written before the options existed summed all three taps for both.
+# The teacher taps whose distances make the heat map (0 = stride 4, 1 = stride 8, 2 = stride 16; combined as
+# DEFAULT_MAP_COMBINE says), and those whose summed, smoothed map's maximum is the image score. The fine stride-4 tap
+# localises small defects best; the stride-16 tap alone separates normal from defective images best
+# (docs/results.md, chosen on a dropped seed). Checkpoints written before the options existed summed all three taps
+# for both.
 DEFAULT_MAP_SCALES = (0, 1, 2)
 DEFAULT_SCORE_SCALES = (2,)
 N_TAPS = 3
@@ -135,11 +136,12 @@ class TrainConfig:
                                help=f"average teacher and student features over a k x k neighbourhood before their "
                                     f"distance (default {DEFAULT_FEATURE_POOL}; 1: none)")
     map_scales: tuple[int, ...] = option(DEFAULT_MAP_SCALES, type=int_list,
-                                         help="teacher taps summed into the heat map, 0 = stride 4, 1 = stride 8, "
-                                              "2 = stride 16 (default 0,1,2; all three are trained)")
+                                         help="teacher taps combined into the heat map (see --map-combine), 0 = "
+                                              "stride 4, 1 = stride 8, 2 = stride 16 (default 0,1,2; all three are "
+                                              "trained)")
     score_scales: tuple[int, ...] = option(DEFAULT_SCORE_SCALES, type=int_list,
-                                           help="teacher taps whose smoothed map's maximum is the image score "
-                                                "(default 2; the --map-scales taps make it the heat map's maximum)")
+                                           help="teacher taps whose summed, smoothed map's maximum is the image "
+                                                "score (default 2)")
     map_combine: str = option(
         DEFAULT_MAP_COMBINE, choices=list(MAP_COMBINES),
         help="how the heat map combines its taps' distances (default product: a pixel is hot where every tap "
