@@ -1,10 +1,15 @@
 """Fused anomaly-map op vs the eager reference vs a naive 2-D-convolution blur, in one run.
 
     python benchmarks/anomaly_map.py --device cpu --dtype float32 --batches 1,16,64 --repeats 5 [--json out.json]
+    python benchmarks/anomaly_map.py --pool 3 --batches 1,16   # also the k x k feature mean the product applies first
 
 Shapes: wide_resnet50_2 features at 256 px (256x64x64, 512x32x32, 1024x16x16), out_size 256x256, sigma 4.
 Prints ms per image, the speed-up ratios, and feature bytes read per second against a memory-read bandwidth
 measured in the same run (CPU: summing a tensor of the same size; CUDA: device-to-device copy).
+With --pool K, a second table: mrkd.ops.local_average (the K x K feature mean before the distance) against
+F.avg_pool2d(count_include_pad=False), and a map whose score reads the same taps summed while the map multiplies
+them (`--preset quality`) as one call of mrkd.ops.anomaly_map (each tap averaged once) against the map and the
+score made by two calls (each averaging the taps itself).
 """
 from __future__ import annotations
 
@@ -125,6 +130,35 @@ def bench_batch(batch: int, dtype: torch.dtype, device: torch.device, repeats: i
     )
 
 
+@dataclass
+class PoolRow:
+    batch: int
+    pool: int
+    local_average_ms_per_image: float
+    avg_pool2d_ms_per_image: float
+    local_average_vs_avg_pool2d: float
+    map_and_score_one_call_ms_per_image: float
+    map_and_score_two_calls_ms_per_image: float
+    one_call_vs_two_calls: float
+
+
+def bench_pool(batch: int, pool: int, dtype: torch.dtype, device: torch.device, repeats: int) -> PoolRow:
+    """The feature mean and the map + score of `--preset quality` (product map, summed score, same taps)."""
+    teacher, student = make_features(batch, dtype, device)
+
+    def torch_pool() -> list[torch.Tensor]:
+        return [F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False) for f in teacher + student]
+
+    ours = time_call(lambda: ops.local_average(teacher + student, pool), device, repeats)
+    theirs = time_call(torch_pool, device, repeats)
+    one = time_call(lambda: ops.anomaly_map(teacher, student, OUT_SIZE, SIGMA, pool=pool, score_scales=(0, 1, 2),
+                                            combine="product"), device, repeats)
+    two = time_call(lambda: (ops.anomaly_map(teacher, student, OUT_SIZE, SIGMA, pool=pool, combine="product"),
+                             ops.anomaly_map(teacher, student, OUT_SIZE, SIGMA, pool=pool)), device, repeats)
+    return PoolRow(batch, pool, ours * 1e3 / batch, theirs * 1e3 / batch, theirs / ours, one * 1e3 / batch,
+                   two * 1e3 / batch, two / one)
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Writes the results as JSON atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +177,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of the fused op and the bandwidth probe")
     parser.add_argument("--slow-repeats", type=int, default=2, help="timed calls of the eager versions")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="also time the K x K feature mean and the pooled map + score (odd K; 0 = skip)")
     args = parser.parse_args()
     if not ops.native_available():
         parser.error("mrkd._C is not built (python setup.py build_ext --inplace); nothing native to time")
@@ -152,6 +188,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if not batches or min(batches) < 1:
         parser.error(f"--batches must be positive integers, got {args.batches!r}")
+    if args.pool and (args.pool < 3 or args.pool % 2 == 0):
+        parser.error(f"--pool must be an odd size >= 3 (or 0 to skip), got {args.pool}")
     dtype = DTYPES[args.dtype]
     probe = "device-to-device copy" if device.type == "cuda" else "sum of a same-size tensor"
     print(f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
@@ -167,10 +205,21 @@ def main() -> None:
               f"{row.naive2d_ms_per_image:>11.3f} {row.fused_vs_reference:>8.1f} {row.fused_vs_naive2d:>7.1f} "
               f"{row.fused_feature_gb_per_s:>9.2f} {row.measured_bandwidth_gb_per_s:>10.2f} "
               f"{100 * row.fused_fraction_of_bandwidth:>6.0f}%", flush=True)
+    pool_rows = []
+    if args.pool:
+        print(f"\n{'batch':>5} {'mean ms/img':>11} {'avg_pool2d':>10} {'x':>5} "
+              f"{'map+score 1 call':>16} {'2 calls':>8} {'x':>5}   (feature mean {args.pool}x{args.pool})")
+        for batch in batches:
+            row = bench_pool(batch, args.pool, dtype, device, args.repeats)
+            pool_rows.append(row)
+            print(f"{row.batch:>5} {row.local_average_ms_per_image:>11.3f} {row.avg_pool2d_ms_per_image:>10.3f} "
+                  f"{row.local_average_vs_avg_pool2d:>5.1f} {row.map_and_score_one_call_ms_per_image:>16.3f} "
+                  f"{row.map_and_score_two_calls_ms_per_image:>8.3f} {row.one_call_vs_two_calls:>5.2f}", flush=True)
     if args.json:
         write_json_atomic(args.json, {
             "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
             "bandwidth_probe": probe, "torch": torch.__version__, "rows": [asdict(r) for r in rows],
+            "pool_rows": [asdict(r) for r in pool_rows],
         })
         print(f"wrote {args.json}")
 

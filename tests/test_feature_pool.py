@@ -55,6 +55,25 @@ def test_local_average_in_half_precision_follows_float32():
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("pool", [3, 5])
+def test_local_average_matches_torch_avg_pool2d_on_any_layout_and_non_finite_values(layout, pool):
+    """Shifted sums, not torch's pooling: the same numbers as F.avg_pool2d(count_include_pad=False), NaN and Inf
+    where it has them, maps smaller than the window included."""
+    g = torch.Generator().manual_seed(pool)
+    for shape in [(2, 3, 7, 5), (1, 1, 1, 1), (1, 2, 2, 3), (2, 4, 16, 16)]:
+        x = torch.randn(*shape, generator=g)
+        flat = x.view(-1)
+        flat[0], flat[flat.numel() // 2], flat[-1] = float("nan"), float("inf"), -float("inf")
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = torch.cat([x, x], dim=-1)[..., ::2]
+        want = torch.nn.functional.avg_pool2d(x, pool, stride=1, padding=pool // 2, count_include_pad=False)
+        (got,) = local_average([x], pool)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("pool", [0, 2, -3])
 def test_a_pool_that_is_not_an_odd_size_is_refused(pool):
     with pytest.raises(ValueError, match="odd size"):
@@ -177,6 +196,8 @@ def test_the_fused_op_and_the_reference_pick_and_pool_the_same_features():
         torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="scales must be indices of the 3 feature maps"):
         anomaly_map(teacher, student, (32, 32), 2.0, scales=(1, 3))
+    with pytest.raises(ValueError, match="scales must be indices of the 3 feature maps"):
+        anomaly_map(teacher, student, (32, 32), 2.0, scales=(0, 1), pool=3, score_scales=(3,))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
