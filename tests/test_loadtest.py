@@ -3,6 +3,8 @@ its CSV output, and the plot script on that output."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +24,19 @@ def locust_run(served_model, tmp_path_factory) -> Path:
     """~20 s of 2 closed-loop users sending the bundled real images; returns the --csv prefix."""
     work = tmp_path_factory.mktemp("locust")
     prefix = work / "load"
-    result = subprocess.run(
-        [str(LOCUST), "-f", str(REPO_ROOT / "loadtest" / "locustfile.py"), "--headless", "--host",
-         served_model.grpc_url, "--model", served_model.model_name, "-u", "2", "-r", "2", "-t", "20s",
-         "--csv", str(prefix), "--csv-full-history", "--only-summary", "--stop-timeout", "30"],
-        cwd=work, capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    command = [str(LOCUST), "-f", str(REPO_ROOT / "loadtest" / "locustfile.py"), "--headless", "--host",
+               served_model.grpc_url, "--model", served_model.model_name, "-u", "2", "-r", "2", "-t", "20s",
+               "--csv", str(prefix), "--csv-full-history", "--only-summary", "--stop-timeout", "30"]
+    # PYTHONFAULTHANDLER: a locust that does not exit is stopped with SIGABRT, which prints where its threads are.
+    with subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONFAULTHANDLER": "1"}) as locust:
+        try:
+            stdout, stderr = locust.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            locust.send_signal(signal.SIGABRT)
+            stdout, stderr = locust.communicate(timeout=30)
+            pytest.fail(f"locust did not exit within 180 s; where its threads were:\n{stdout}{stderr}")
+    assert locust.returncode == 0, stdout + stderr
     return prefix
 
 
