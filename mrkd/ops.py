@@ -160,14 +160,14 @@ def _window_mean(features: torch.Tensor, pool: int) -> torch.Tensor:
     counts = []
     for dim in (-1, -2):
         size = total.shape[dim] - 2 * radius
-        window_sum = total.narrow(dim, 0, size)
+        window_sum = total.narrow(dim, 0, size).clone()  # in place from here: fewer passes over large maps
         for offset in range(1, pool):
-            window_sum = window_sum + total.narrow(dim, offset, size)
+            window_sum.add_(total.narrow(dim, offset, size))
         total = window_sum
         index = torch.arange(size, device=features.device)
         counts.append((torch.clamp(index + radius, max=size - 1) - torch.clamp(index - radius, min=0) + 1).float())
     width_counts, height_counts = counts
-    return (total / (height_counts[:, None] * width_counts[None, :])).to(features.dtype)
+    return total.div_(height_counts[:, None] * width_counts[None, :]).to(features.dtype)
 
 
 def _selected(features: Sequence[torch.Tensor], scales: Sequence[int] | None, pool: int) -> list[torch.Tensor]:

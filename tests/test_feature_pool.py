@@ -70,8 +70,10 @@ def test_local_average_matches_torch_avg_pool2d_on_any_layout_and_non_finite_val
         elif layout == "strided":
             x = torch.cat([x, x], dim=-1)[..., ::2]
         want = torch.nn.functional.avg_pool2d(x, pool, stride=1, padding=pool // 2, count_include_pad=False)
+        before = x.clone()
         (got,) = local_average([x], pool)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)  # the features are not modified
 
 
 @pytest.mark.parametrize("pool", [0, 2, -3])
