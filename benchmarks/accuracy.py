@@ -11,7 +11,8 @@ Every run is `python -m mrkd.train` then `python -m mrkd.evaluate` (the public c
 runs are reproducible and can share the machine), under runs/accuracy/<set>/<variant>/seed<N>. A run whose
 eval/metrics.json exists is reused, and training resumes from its checkpoint, so an interrupted benchmark continues
 where it stopped. A finished run whose checkpoint reads its map with other settings than the command would now (the
-product's map defaults changed since, or its score reference is on where the command has it off, or off where on) is
+product's map defaults changed since, or its score reference or map whitening is on where the command has it off, or
+off where on) is
 re-scored without training: `mrkd.train --resume` recalibrates it under the
 new settings (the weights stay bit for bit) and `mrkd.evaluate` runs again.
 
@@ -132,10 +133,10 @@ def stale_map_settings(run: Run, root: Path, extra: list[str]) -> str | None:
                          f"teacher its own --out")
     changed = [f"{k} {getattr(saved, k)} -> {getattr(wanted, k)}" for k in MAP_SETTINGS
                if getattr(saved, k) != getattr(wanted, k)]
-    has_reference = payload.get("score_reference") is not None
-    if has_reference != wanted_run.score_reference:
-        changed.append(f"score_reference {'on' if has_reference else 'off'} -> "
-                       f"{'on' if wanted_run.score_reference else 'off'}")
+    for name in ("score_reference", "map_whitening"):
+        has, wants = payload.get(name) is not None, getattr(wanted_run, name)
+        if has != wants:
+            changed.append(f"{name} {'on' if has else 'off'} -> {'on' if wants else 'off'}")
     return ", ".join(changed) or None
 
 

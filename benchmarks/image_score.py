@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mrkd.core.files import user_path, write_json  # noqa: E402
 from mrkd.core.preprocess import normalize, prepare_image  # noqa: E402
 from mrkd.data import open_dataset  # noqa: E402
-from mrkd.ops import anomaly_map_reference  # noqa: E402
+from mrkd.ops import anomaly_map_reference, local_average  # noqa: E402
 from mrkd.runtime.checkpoint import load_checkpoint  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
 from mrkd.runtime.evaluation import resized_masks  # noqa: E402
 from mrkd.runtime.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from mrkd.runtime.reference import REFERENCE_IMAGES, ScoreReference, reference_indices  # noqa: E402
+from mrkd.runtime.whitening import ResidualMoments  # noqa: E402
 
 DEFAULT_KS = "1,10,100,1000"
 
@@ -70,12 +71,21 @@ def test_features(detector: Detector, records: list, batch_size: int = 16) -> tu
 
 
 def variant_maps(teachers: list[list], students: list[list], scales: tuple[int, ...], size: int,
-                 sigma: float, pool: int = 1, combine: str = "sum") -> np.ndarray:
-    """[N, S, S] maps summed (or multiplied) over the chosen scales (features averaged over pool x pool first),
-    smoothed."""
-    maps = [anomaly_map_reference(t, s, (size, size), sigma, scales, pool, combine=combine)[0][:, 0]
-            for t, s in zip(teachers, students)]
+                 sigma: float, pool: int = 1, combine: str = "sum", whitening: list | None = None) -> np.ndarray:
+    """[N, S, S] maps summed (or multiplied) over the chosen scales (features averaged over pool x pool first,
+    then whitened when `whitening` is given: mrkd.ops.whiten), smoothed."""
+    maps = [anomaly_map_reference(t, s, (size, size), sigma, scales, pool, combine=combine,
+                                  whitening=whitening)[0][:, 0] for t, s in zip(teachers, students)]
     return torch.cat(maps).numpy()
+
+
+def fit_whitening(teachers: list[list], students: list[list], scales: tuple[int, ...], pool: int) -> list:
+    """The map whitening of these taps and feature mean, fitted as training fits the product's (on the normal
+    images' features): the `whitening` argument of mrkd.ops.anomaly_map."""
+    moments = ResidualMoments()
+    for t, s in zip(teachers, students):
+        moments.add(local_average([t[i] for i in scales], pool), local_average([s[i] for i in scales], pool))
+    return moments.whitening().as_list()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the model's; 1: none; 3: PatchCore's local aggregation)")
     p.add_argument("--combines", default=None, help="comma-separated ways to combine the scales: sum, product "
                    "(default: the model's heat-map setting; the product's row is its heat map and the max of it)")
+    p.add_argument("--whitenings", default=None, help="comma-separated: on (the map whitening, fitted for each "
+                   "variant's taps and feature mean on the score reference's training images), off (default: the "
+                   "checkpoint's setting)")
     p.add_argument("--reference-images", type=int, default=None,
                    help=f"training images each variant's score reference is fitted on (default: "
                         f"{REFERENCE_IMAGES} if the checkpoint holds a reference, as the product does; 0: none)")
@@ -111,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     n_reference = a.reference_images
     if n_reference is None:
         n_reference = REFERENCE_IMAGES if detector.score_reference is not None else 0
+    whitenings = a.whitenings.split(",") if a.whitenings else ["on" if detector.map_whitening is not None else "off"]
+    if set(whitenings) - {"on", "off"}:
+        p.error(f"--whitenings takes on and off, got {a.whitenings}")
     normal = []
-    if n_reference:
+    if n_reference or "on" in whitenings:
         train = open_dataset(a.data, seed=seed).train
-        normal = [train[int(i)] for i in reference_indices(len(train), seed, n_reference)]
+        normal = [train[int(i)] for i in reference_indices(len(train), seed, n_reference or REFERENCE_IMAGES)]
     normal_features = test_features(detector, normal) if normal else None
     sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else [detector.config.blur_sigma]
     results = []
@@ -122,15 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     scale_sets = parse_scales(a.scales) if a.scales else list(dict.fromkeys([detector.config.map_scales,
                                                                              detector.config.score_scales]))
     combines = a.combines.split(",") if a.combines else [detector.config.map_combine]
-    for scales, sigma, pool, combine in itertools.product(scale_sets, sigmas, pools, combines):
-        maps = variant_maps(teachers, students, scales, size, sigma, pool, combine)
-        row = {"scales": "+".join(map(str, scales)), "sigma": sigma, "pool": pool, "combine": combine}
+    for scales, sigma, pool, combine, whitened in itertools.product(scale_sets, sigmas, pools, combines, whitenings):
+        whitening = fit_whitening(*normal_features, scales, pool) if whitened == "on" else None
+        maps = variant_maps(teachers, students, scales, size, sigma, pool, combine, whitening)
+        row = {"scales": "+".join(map(str, scales)), "sigma": sigma, "pool": pool, "combine": combine,
+               "whitening": whitened}
         if has_masks:
             row.update(pixel_auroc=pixel_auroc(masks, maps), aupro=aupro(masks, maps))
         row.update({f"top{k}": image_auroc(labels, top_k_mean(maps, int(k))) for k in a.ks.split(",")})
-        if normal_features is not None:
+        if n_reference:
             reference = ScoreReference.fit(torch.from_numpy(variant_maps(*normal_features, scales, size, sigma, pool,
-                                                                         combine)))
+                                                                         combine, whitening)))
             standardised = (maps - reference.mean.numpy()) / reference.scale.numpy()
             row["std"] = image_auroc(labels, top_k_mean(standardised, 1))
         results.append(row)

@@ -11,6 +11,11 @@ A score reference (mean, scale), two [H, W] maps fitted on normal images (runtim
 the maximum of the standardised score map, (map - mean) / scale, instead of its raw maximum: a pixel that is hot on
 every normal part (a solar cell's busbar, an edge) no longer sets the score. A plain-PyTorch step after the operator,
 the same in both implementations.
+
+A map whitening ((mean, matrix) per heat-map tap, fitted on normal images' residuals: runtime.whitening) moves the
+map's teacher and student features into a space where each direction of their difference is weighed by how little it
+varies on normal images (`whiten`), so normal grain the student never restores exactly no longer lights the map. A
+plain-PyTorch step before the operator, the same in both implementations; the score's own taps are not whitened.
 """
 from __future__ import annotations
 
@@ -205,6 +210,29 @@ def _flag_left_out(result: tuple[torch.Tensor, torch.Tensor],
     return (maps, scores) if invalid is None else (maps, scores.masked_fill(invalid.to(scores.device), float("nan")))
 
 
+def whiten(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+           whitening: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each tap's features moved into the whitened space of normal residuals: with (mean [C], matrix [C, C]) per
+    tap, teacher -> matrix @ unit(teacher) and student -> matrix @ (unit(student) + mean), per position (float32).
+    The cosine distance of the pair then weighs each direction of the residual unit(teacher) - unit(student) by how
+    little it varies on normal images (`matrix` is a square root of the inverse covariance of those residuals, `mean`
+    their mean; mrkd.runtime.whitening fits both). A NaN or infinite feature value still gives a NaN at its pixel."""
+    if len(whitening) != len(teacher):
+        raise ValueError(f"whitening has {len(whitening)} taps but the map reads {len(teacher)}")
+    out_teacher, out_student = [], []
+    for k, (t, s, (mean, matrix)) in enumerate(zip(teacher, student, whitening)):
+        channels = t.shape[1]
+        if tuple(mean.shape) != (channels,) or tuple(matrix.shape) != (channels, channels):
+            raise ValueError(f"whitening of tap {k} is {list(mean.shape)} / {list(matrix.shape)} but the tap has "
+                             f"{channels} channels")
+        matrix = matrix.to(t.device, torch.float32)
+        unit_t = F.normalize(t.float(), dim=1, eps=COSINE_EPS)
+        unit_s = F.normalize(s.float(), dim=1, eps=COSINE_EPS) + mean.to(t.device, torch.float32).view(1, -1, 1, 1)
+        out_teacher.append(torch.einsum("dc,bchw->bdhw", matrix, unit_t).contiguous())
+        out_student.append(torch.einsum("dc,bchw->bdhw", matrix, unit_s).contiguous())
+    return out_teacher, out_student
+
+
 def reflect_pad(maps: torch.Tensor, radius: int, dims: Sequence[int] = (-2, -1)) -> torch.Tensor:
     """Pad the given dims of `maps` by `radius` with scipy's "reflect" border (any radius)."""
     for dim in dims:
@@ -287,12 +315,13 @@ def _standardize_score(result: tuple[torch.Tensor, torch.Tensor],
     return maps, standardized.flatten(1).amax(dim=1).masked_fill(torch.isnan(scores), float("nan"))
 
 
-def _splits(scales: Sequence[int] | None, score_scales: Sequence[int] | None, combine: str) -> bool:
+def _splits(scales: Sequence[int] | None, score_scales: Sequence[int] | None, combine: str,
+            whitened: bool = False) -> bool:
     """Whether the score needs its own pass over the features: it reads other taps than the map, or the same taps
-    summed while the map multiplies them."""
+    summed while the map multiplies them, or unwhitened while the map is whitened."""
     if score_scales is None:
         return False
-    return scales is None or sorted(score_scales) != sorted(scales) or combine != "sum"
+    return scales is None or sorted(score_scales) != sorted(scales) or combine != "sum" or whitened
 
 
 @torch.no_grad()
@@ -306,18 +335,21 @@ def anomaly_map_reference(
     score_scales: Sequence[int] | None = None,
     score_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     combine: str = "sum",
+    whitening: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch anomaly map: (maps [B, 1, H, W] float32, scores [B] float32; NaN for an image with a
     non-finite feature value). See `anomaly_map` for the arguments."""
     _check_combine(combine)
     score = None
-    if _splits(scales, score_scales, combine):
+    if _splits(scales, score_scales, combine, whitening is not None):
         (teacher, student), pool = _pool_once((teacher, student), scales, score_scales, pool), 1
         score = anomaly_map_reference(teacher, student, out_size, sigma, score_scales, pool,
                                       score_reference=score_reference)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     size = _validate(teacher, student, out_size, sigma)
+    if whitening is not None:
+        teacher, student = whiten(teacher, student, whitening)
     summed, invalid = _distances(teacher, student, size, combine)
     maps = gaussian_blur_reference(summed, float(sigma)).contiguous()
     if combine == "product":
@@ -338,6 +370,7 @@ def anomaly_map(
     score_scales: Sequence[int] | None = None,
     score_reference: tuple[torch.Tensor, torch.Tensor] | None = None,
     combine: str = "sum",
+    whitening: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused anomaly map: (maps [B, 1, H, W] float32, scores [B] float32, the max of each smoothed map).
 
@@ -351,17 +384,22 @@ def anomaly_map(
     the max of the smoothed map of those taps, always summed (a second call of the operator, on the same averaged
     features: each tap is averaged once), the maps stay those of `scales`.
     `score_reference` (mean, scale), [H, W] each: the score is the max of (score map - mean) / scale instead (see
-    the module's docstring). An image with a NaN or infinite feature value anywhere gets a NaN score.
+    the module's docstring). `whitening` ((mean [C], matrix [C, C]) per tap of the map): the map's taps are
+    whitened first (see `whiten`: each residual direction weighed by how little it varies on normal images); the
+    score's own pass (`score_scales`) stays unwhitened. Plain PyTorch before the fused operator.
+    An image with a NaN or infinite feature value anywhere gets a NaN score.
     """
     global _fallback_warned
     _check_combine(combine)
     score = None
-    if _splits(scales, score_scales, combine):
+    if _splits(scales, score_scales, combine, whitening is not None):
         (teacher, student), pool = _pool_once((teacher, student), scales, score_scales, pool), 1
         score = anomaly_map(teacher, student, out_size, sigma, score_scales, pool, score_reference=score_reference)
     left_out = _left_out_non_finite((teacher, student), scales)
     teacher, student = _selected(teacher, scales, pool), _selected(student, scales, pool)
     height, width = _validate(teacher, student, out_size, sigma)
+    if whitening is not None:
+        teacher, student = whiten(teacher, student, whitening)
     if not native_available():
         if not _fallback_warned:
             _fallback_warned = True

@@ -36,8 +36,9 @@ def test_the_all_scales_variant_gives_the_product_detectors_maps(tiny_checkpoint
     assert len(teachers) == 3 and len(teachers[0]) == 3  # batches of 2, 2, 1; three taps
     sigma, pool = detector.config.blur_sigma, detector.config.feature_pool
     scales = detector.config.map_scales
+    whitening = detector.map_whitening.as_list()  # the product whitens its heat map's taps
     ours = image_score.variant_maps(teachers, students, scales, detector.image_size, sigma, pool,
-                                    detector.config.map_combine)
+                                    detector.config.map_combine, whitening)
     batch = torch.stack([prepare_image(r.load_image(), detector.image_size) for r in records])
     product = detector.predict_prepared(batch)
     np.testing.assert_allclose(ours, product.maps, rtol=1e-4, atol=1e-5)
@@ -50,3 +51,6 @@ def test_the_all_scales_variant_gives_the_product_detectors_maps(tiny_checkpoint
     fewer = image_score.variant_maps(teachers, students, scales[1:], detector.image_size, sigma, pool)
     assert (fewer <= summed + 1e-6).all() and not np.allclose(fewer, summed)  # a dropped scale removes its distance
     assert not np.allclose(summed, ours)  # the product's heat map is another map
+    unwhitened = image_score.variant_maps(teachers, students, scales, detector.image_size, sigma, pool,
+                                          detector.config.map_combine)
+    assert not np.allclose(unwhitened, ours, atol=1e-3)

@@ -98,7 +98,7 @@ MODULES = {
     "core": {"config", "errors", "files", "images", "options", "preprocess", "wire"},
     "runtime": {"calibration", "checkpoint", "convert", "detector", "errors", "evaluation", "metrics",
                 "network_export", "network_runtime", "reference", "runners", "training", "visualize",
-                "weights"},
+                "weights", "whitening"},
     "triton": {"configs", "errors", "launcher", "models", "publish", "repository"},
 }
 

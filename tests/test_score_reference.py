@@ -157,5 +157,5 @@ def test_a_run_with_one_training_image_trains_without_a_reference_and_says_so(tm
     with caplog.at_level("WARNING", logger="mrkd.train"):
         path = train(TrainConfig(data="elpv:mono", out=str(tmp_path), image_size=64, batch_size=4, max_train_images=1,
                                  save_every=0, steps=2), show_progress=False)
-    assert load_checkpoint(path)["score_reference"] is None
+    assert load_checkpoint(path)["score_reference"] is None and load_checkpoint(path)["map_whitening"] is None
     assert "needs at least 2 training images" in caplog.text

@@ -152,6 +152,11 @@ class TrainConfig:
         help="standardise the score map per pixel by the mean and spread of normal training images' maps before its "
              "maximum (default on: a spot that is hot on every normal part, e.g. a solar cell's busbar, no longer "
              "sets the score; changing it on a trained run needs only --resume)")
+    map_whitening: bool = option(
+        True, type=on_off, metavar="on|off",
+        help="whiten the heat map's taps by the spread of the student's error on normal training images (default "
+             "on: normal grain the student never restores exactly no longer lights the map; changing it on a "
+             "trained run needs only --resume)")
     save_every: int = option(250, type=int, help="checkpoint every K steps (0: only at the end)")
     device: str = option("auto", help="auto, cpu, cuda or cuda:N")
     # training compute: fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)

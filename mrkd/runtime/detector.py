@@ -17,13 +17,14 @@ import torch
 from ..core.config import ModelConfig
 from ..core.preprocess import normalize, prepare_batch
 from ..model.network import MRKDModel
-from ..ops import anomaly_map
+from ..ops import anomaly_map, local_average
 from .calibration import Calibration
 from .checkpoint import load_checkpoint
 from .convert import file_sha256, load_runner
 from .errors import NonFiniteScoreError
 from .reference import ScoreReference
 from .runners import NetworkRunner, TorchRunner, resolve_precision
+from .whitening import MapWhitening, ResidualMoments
 
 
 @dataclass
@@ -49,9 +50,12 @@ class Detector:
         batch_size: int = 16,
         network: NetworkRunner | None = None,
         score_reference: ScoreReference | None = None,
+        map_whitening: MapWhitening | None = None,
     ) -> None:
         """`network`: the runner of `model` to use (default: torch at the device's default precision);
-        `score_reference`: the per-pixel normal statistics the score is standardised by (None: the raw maximum)."""
+        `score_reference`: the per-pixel normal statistics the score is standardised by (None: the raw maximum);
+        `map_whitening`: the normal residuals' statistics the heat map's taps are whitened by (None: plain cosine
+        distances)."""
         self.device = torch.device(device)
         self.config = config
         self.calibration = calibration
@@ -61,6 +65,11 @@ class Detector:
                              f"is {config.image_size}")
         self._reference = None if score_reference is None else tuple(
             t.to(self.device) for t in score_reference.as_tuple())
+        self.map_whitening = map_whitening
+        if map_whitening is not None and len(map_whitening.means) != len(config.map_scales):
+            raise ValueError(f"the map whitening has {len(map_whitening.means)} taps but the heat map reads "
+                             f"{len(config.map_scales)}")
+        self._whitening = None if map_whitening is None else map_whitening.as_list(self.device)
         self.batch_size = batch_size
         self.network = network or TorchRunner(model, self.device, resolve_precision("auto", self.device))
 
@@ -86,7 +95,7 @@ class Detector:
         model.load_state_dict(data["state_dict"])
         network = load_runner(model, config, runtime, precision, device, threads, network_dir, checkpoint_sha256)
         return cls(model, config, Calibration.from_dict(data["calibration"]), device, batch_size, network,
-                   ScoreReference.from_payload(data))
+                   ScoreReference.from_payload(data), MapWhitening.from_payload(data, len(config.map_scales)))
 
     @property
     def runtime(self) -> str:
@@ -118,7 +127,7 @@ class Detector:
         """uint8 [B, 3, S, S] -> (raw maps [B, S, S], raw scores [B]) on the detector's device."""
         teacher, student = self._features(batch)
         maps, scores = anomaly_map(teacher, student, batch.shape[-2:], **self.config.map_options(),
-                                   score_reference=self._reference)
+                                   score_reference=self._reference, whitening=self._whitening)
         self._refuse_non_finite(scores)
         return maps[:, 0], scores
 
@@ -133,11 +142,16 @@ class Detector:
                                       f"batch items {bad}; the model or its conversion is broken")
 
     @torch.inference_mode()
-    def score_maps(self, batch: torch.Tensor) -> torch.Tensor:
+    def score_maps(self, batch: torch.Tensor, residuals: ResidualMoments | None = None) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> the raw smoothed maps of the score's taps [B, S, S] (what a score reference is
-        fitted on); NonFiniteScoreError as raw_maps."""
+        fitted on); NonFiniteScoreError as raw_maps. `residuals`: the batch's heat-map taps (after the feature mean)
+        are also added to these running moments (what a map whitening is fitted on), from the same forward pass."""
         teacher, student = self._features(batch)
         options = self.config.map_options()
+        if residuals is not None:
+            taps = list(options["scales"])
+            residuals.add(local_average([teacher[i] for i in taps], options["pool"]),
+                          local_average([student[i] for i in taps], options["pool"]))
         maps, scores = anomaly_map(teacher, student, batch.shape[-2:], options["sigma"], options["score_scales"],
                                    options["pool"])
         self._refuse_non_finite(scores)

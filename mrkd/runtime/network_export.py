@@ -32,6 +32,7 @@ from .errors import NetworkRuntimeError
 from .metrics import image_auroc
 from .reference import ScoreReference
 from .runners import check_choice
+from .whitening import MapWhitening
 
 MAX_VERDICT_CHANGE = 0.005  # largest fraction of images whose verdict may change from fp32 to bf16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -217,12 +218,14 @@ def prepare_network(checkpoint: Path, data: dict, runtime: str, precision: str, 
         report = None
         if gated:
             score_reference = ScoreReference.from_payload(data)
-            reference = Detector(_model(data, config), config, calibration, "cpu", score_reference=score_reference)
+            whitening = MapWhitening.from_payload(data, len(config.map_scales))
+            reference = Detector(_model(data, config), config, calibration, "cpu", score_reference=score_reference,
+                                 map_whitening=whitening)
             reduced_model = _model(data, config)
             runner = load_runner(reduced_model, config, runtime, precision, "cpu", threads,
                                  folder if runtime != "torch" else None)
             reduced = Detector(reduced_model, config, calibration, "cpu", network=runner,
-                               score_reference=score_reference)
+                               score_reference=score_reference, map_whitening=whitening)
             report = compare_precision(reference, reduced, check_images(data.get("train_config"), calibration_images),
                                        recalibrate, show)
             if report.recalibrated is not None:

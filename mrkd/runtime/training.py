@@ -50,6 +50,7 @@ from .detector import Detector
 from .reference import REFERENCE_IMAGES, ScoreReference, reference_indices
 from .visualize import save_line_plot
 from .weights import build_model
+from .whitening import MapWhitening, ResidualMoments
 
 log = logging.getLogger("mrkd.train")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -209,9 +210,9 @@ def refresh_batchnorm(restorer: FeatureRestorer, features: TeacherFeatures, batc
 
 
 def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimizer, calibration,
-                  score_reference: ScoreReference | None = None) -> dict:
-    """What a checkpoint holds: network, configs, optimizer, calibration and score reference (None mid-run), step,
-    losses."""
+                  score_reference: ScoreReference | None = None, map_whitening: MapWhitening | None = None) -> dict:
+    """What a checkpoint holds: network, configs, optimizer, calibration, score reference and map whitening (None
+    mid-run), step, losses."""
     return {
         "model_config": cfg.model_config().to_dict(),
         "train_config": cfg.to_dict(),
@@ -219,26 +220,32 @@ def build_payload(model: MRKDModel, cfg: TrainConfig, state: TrainState, optimiz
         "optimizer": optimizer.state_dict(),
         "calibration": calibration.to_dict() if calibration is not None else None,
         "score_reference": score_reference.to_payload() if score_reference is not None else None,
+        "map_whitening": map_whitening.to_payload() if map_whitening is not None else None,
         "step": state.step,
         "losses": list(state.losses),
     }
 
 
-def fit_score_reference(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor,
-                        device: torch.device) -> ScoreReference:
-    """The score reference fitted on the score maps of (up to REFERENCE_IMAGES of) the clean training images."""
+def fit_normal_statistics(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor,
+                          device: torch.device) -> tuple[ScoreReference | None, MapWhitening | None]:
+    """The score reference (on the score maps) and the map whitening (on the heat map taps' residuals) of (up to
+    REFERENCE_IMAGES of) the clean training images, in one pass; each None where `cfg` turns it off."""
+    if not (cfg.score_reference or cfg.map_whitening):
+        return None, None
     detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size)
     chosen = images[reference_indices(len(images), cfg.seed)]
-    maps = [detector.score_maps(chosen[i : i + cfg.batch_size]).float().cpu()
+    residuals = ResidualMoments() if cfg.map_whitening else None
+    maps = [detector.score_maps(chosen[i : i + cfg.batch_size], residuals).float().cpu()
             for i in range(0, len(chosen), cfg.batch_size)]
-    return ScoreReference.fit(torch.cat(maps))
+    return (ScoreReference.fit(torch.cat(maps)) if cfg.score_reference else None,
+            residuals.whitening() if residuals is not None else None)
 
 
 def calibrate(model: MRKDModel, cfg: TrainConfig, images: torch.Tensor, device: torch.device,
-              score_reference: ScoreReference | None = None) -> Calibration:
+              score_reference: ScoreReference | None = None, map_whitening: MapWhitening | None = None) -> Calibration:
     """The calibration fitted on the raw scores and heat map maxima of held-out normal images."""
     detector = Detector(model, cfg.model_config(), Calibration(threshold=1.0, low=0.0), device, cfg.batch_size,
-                        score_reference=score_reference)
+                        score_reference=score_reference, map_whitening=map_whitening)
     scores, map_maxima = [], []
     for i in range(0, len(images), cfg.batch_size):
         maps, batch_scores = detector.raw_maps(images[i : i + cfg.batch_size])
@@ -332,10 +339,11 @@ class Trainer:
             self.optimizer.step()
             return loss.item()
 
-    def save(self, calibration: Calibration | None = None, score_reference: ScoreReference | None = None) -> None:
+    def save(self, calibration: Calibration | None = None, score_reference: ScoreReference | None = None,
+             map_whitening: MapWhitening | None = None) -> None:
         if self.ddp.is_main:
             save_checkpoint(self.ckpt_path, build_payload(self.model, self.cfg, self.state, self.optimizer,
-                                                          calibration, score_reference))
+                                                          calibration, score_reference, map_whitening))
 
     def train_steps(self, until: int | None = None) -> None:
         cfg, state = self.cfg, self.state
@@ -383,23 +391,26 @@ class Trainer:
             dist.barrier()
         if self.ddp.is_main:
             refresh_batchnorm(self.restorer, self.features, cfg.batch_size)
-            reference = None
-            if cfg.score_reference and len(self.images) < 2:
-                log.warning("no score reference: it needs at least 2 training images, this run has %d; the score "
-                            "is the raw maximum of the map", len(self.images))
-            elif cfg.score_reference:
-                reference = fit_score_reference(self.model, cfg, self.images, self.device)
+            reference, whitening = None, None
+            if (cfg.score_reference or cfg.map_whitening) and len(self.images) < 2:
+                log.warning("no score reference or map whitening: each needs at least 2 training images, this run "
+                            "has %d; the score is the raw maximum of the map, the map the plain cosine distance",
+                            len(self.images))
+            else:
+                reference, whitening = fit_normal_statistics(self.model, cfg, self.images, self.device)
             calib_records = self.splits.calibration or self.train_records
             calib_images = load_images(calib_records, cfg.image_size, "calibrating", self.bars)
-            calibration = calibrate(self.model, cfg, calib_images, self.device, reference)
-            self.save(calibration, reference)
+            calibration = calibrate(self.model, cfg, calib_images, self.device, reference, whitening)
+            self.save(calibration, reference, whitening)
             write_json(self.out / "losses.json", {"step_loss": self.state.losses})
             save_line_plot(self.out / "loss_curve.png", {"loss": _smooth(self.state.losses)}, "step",
                            "distillation loss", f"{cfg.data} {cfg.backbone} ILM {'on' if cfg.ilm else 'off'} "
                                                 f"FLM {'on' if cfg.flm else 'off'}")
+            fitted = " and ".join(name for name, part in (("score reference", reference),
+                                                          ("map whitening", whitening)) if part is not None)
             log.info("wrote %s (threshold %.5f, %d calibration images, %s)", self.ckpt_path, calibration.threshold,
-                     len(calib_images), f"score reference from {min(len(self.images), REFERENCE_IMAGES)} "
-                     f"training images" if reference is not None else "no score reference")
+                     len(calib_images), f"{fitted} from {min(len(self.images), REFERENCE_IMAGES)} training images"
+                     if fitted else "no score reference or map whitening")
         if self.ddp.world_size > 1:
             dist.barrier()
             dist.destroy_process_group()
