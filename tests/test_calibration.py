@@ -113,5 +113,12 @@ def test_training_calibrates_scores_on_the_score_taps_and_heat_maps_on_the_map_t
     assert fitted.map_threshold == pytest.approx(float(np.quantile(maxima, 0.99)), rel=1e-4)
     assert fitted.map_low == pytest.approx(float(maxima.min()), rel=1e-4)
     assert not fitted.map_threshold == pytest.approx(fitted.threshold, rel=1e-2)
+    whitening = Detector.load(tiny_checkpoint).map_whitening  # with it, the heat map's threshold is the whitened one
+    whitened = calibrate(model, cfg, images, torch.device("cpu"), map_whitening=whitening)
+    heat, _ = anomaly_map_reference(teacher, student, size, config.blur_sigma, config.map_scales, config.feature_pool,
+                                    combine=config.map_combine, whitening=whitening.as_list())
+    assert whitened.map_threshold == pytest.approx(float(np.quantile(heat.flatten(1).amax(dim=1).numpy(), 0.99)),
+                                                   rel=1e-4)
+    assert whitened.threshold == fitted.threshold and whitened.map_threshold != fitted.map_threshold
     saved = Detector.load(tiny_checkpoint).calibration  # what the training run wrote has both mappings
     assert saved.map_threshold is not None and saved.map_low is not None

@@ -128,7 +128,9 @@ def test_the_detector_maps_every_pooled_tap_and_scores_the_pooled_stride_16_tap(
     pooled = [[torch.from_numpy(neighbourhood_mean_by_loops(f.numpy(), 3)).float() for f in fs]
               for fs in (teacher, student)]
     size, sigma = (detector.image_size, detector.image_size), detector.config.blur_sigma
-    want_maps, heat_max = anomaly_map_reference(*pooled, size, sigma, combine="product")
+    # the heat map's taps are whitened before their distances (tests/test_map_whitening.py)
+    want_maps, heat_max = anomaly_map_reference(*pooled, size, sigma, combine="product",
+                                                whitening=detector.map_whitening.as_list())
     score_maps, _ = anomaly_map_reference(pooled[0][2:], pooled[1][2:], size, sigma)
     reference = detector.score_reference  # the score is standardised by it (tests/test_score_reference.py)
     want_scores = ((score_maps[:, 0] - reference.mean) / reference.scale).flatten(1).amax(dim=1)

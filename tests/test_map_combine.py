@@ -194,9 +194,10 @@ def test_detector_heat_map_is_the_product_and_its_score_the_summed_score_taps(ti
     result = detector.raw_maps(batch)
     teacher, student = detector._features(batch)
     options = detector.config
-    expected_map = product_formula(ops.local_average(teacher, options.feature_pool),
-                                   ops.local_average(student, options.feature_pool),
-                                   (detector.image_size, detector.image_size), options.blur_sigma)
+    pooled = ops.local_average(teacher, options.feature_pool), ops.local_average(student, options.feature_pool)
+    # the heat map's taps are whitened before their distances (tests/test_map_whitening.py)
+    pooled = ops.whiten(*pooled, detector.map_whitening.as_list())
+    expected_map = product_formula(*pooled, (detector.image_size, detector.image_size), options.blur_sigma)
     assert max_error(result[0], expected_map) <= FP32_TOL
     payload["model_config"]["map_combine"] = "sum"
     summed = Detector.from_payload(payload, precision="fp32").raw_maps(batch)

@@ -148,13 +148,13 @@ class Detector:
         are also added to these running moments (what a map whitening is fitted on), from the same forward pass."""
         teacher, student = self._features(batch)
         options = self.config.map_options()
+        maps, scores = anomaly_map(teacher, student, batch.shape[-2:], options["sigma"], options["score_scales"],
+                                   options["pool"])
+        self._refuse_non_finite(scores)  # a NaN in any tap, read or not: a broken network, before any fit sees it
         if residuals is not None:
             taps = list(options["scales"])
             residuals.add(local_average([teacher[i] for i in taps], options["pool"]),
                           local_average([student[i] for i in taps], options["pool"]))
-        maps, scores = anomaly_map(teacher, student, batch.shape[-2:], options["sigma"], options["score_scales"],
-                                   options["pool"])
-        self._refuse_non_finite(scores)
         return maps[:, 0]
 
     def predict_prepared(self, batch: torch.Tensor) -> Prediction:
