@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mrkd.core.files import user_path, write_json  # noqa: E402
 from mrkd.core.preprocess import normalize, prepare_image  # noqa: E402
 from mrkd.data import open_dataset  # noqa: E402
-from mrkd.ops import anomaly_map_reference, local_average  # noqa: E402
+from mrkd.ops import anomaly_map_reference  # noqa: E402
 from mrkd.runtime.checkpoint import load_checkpoint  # noqa: E402
 from mrkd.runtime.detector import Detector  # noqa: E402
 from mrkd.runtime.evaluation import resized_masks  # noqa: E402
@@ -84,7 +84,7 @@ def fit_whitening(teachers: list[list], students: list[list], scales: tuple[int,
     images' features): the `whitening` argument of mrkd.ops.anomaly_map."""
     moments = ResidualMoments()
     for t, s in zip(teachers, students):
-        moments.add(local_average([t[i] for i in scales], pool), local_average([s[i] for i in scales], pool))
+        moments.add(t, s, scales, pool)
     return moments.whitening().as_list()
 
 

@@ -17,7 +17,7 @@ import torch
 from ..core.config import ModelConfig
 from ..core.preprocess import normalize, prepare_batch
 from ..model.network import MRKDModel
-from ..ops import anomaly_map, local_average
+from ..ops import anomaly_map
 from .calibration import Calibration
 from .checkpoint import load_checkpoint
 from .convert import file_sha256, load_runner
@@ -152,9 +152,7 @@ class Detector:
                                    options["pool"])
         self._refuse_non_finite(scores)  # a NaN in any tap, read or not: a broken network, before any fit sees it
         if residuals is not None:
-            taps = list(options["scales"])
-            residuals.add(local_average([teacher[i] for i in taps], options["pool"]),
-                          local_average([student[i] for i in taps], options["pool"]))
+            residuals.add(teacher, student, options["scales"], options["pool"])
         return maps[:, 0]
 
     def predict_prepared(self, batch: torch.Tensor) -> Prediction:

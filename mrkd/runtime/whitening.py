@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..ops import COSINE_EPS
+from ..ops import COSINE_EPS, local_average
 from .errors import CheckpointError
 
 # Ridge added to each covariance, as a fraction of its mean variance: directions in which normal residuals barely
@@ -36,8 +36,13 @@ class ResidualMoments:
         self.total: list[torch.Tensor] = []
         self.outer: list[torch.Tensor] = []
 
-    def add(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> None:
-        """The map's taps of a batch of normal images, after the feature mean ([B, C, H, W] each)."""
+    def add(self, teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+            taps: Sequence[int] | None = None, pool: int = 1) -> None:
+        """A batch of normal images' features ([B, C, H, W] each): the `taps` of the heat map (None: all), averaged
+        over `pool` x `pool` first (mrkd.ops.local_average, the map's feature mean)."""
+        if taps is not None:
+            teacher, student = [teacher[i] for i in taps], [student[i] for i in taps]
+        teacher, student = local_average(teacher, pool), local_average(student, pool)
         if not self.count:
             self.count = [0] * len(teacher)
             self.total = [torch.zeros(t.shape[1], dtype=torch.float64) for t in teacher]
